@@ -1,0 +1,1 @@
+"""zbus: a message bus addressed by Id."""
