@@ -1,0 +1,117 @@
+"""``zbus-node``: run a server, an interactive client, the cluster status, the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+
+import click
+
+from . import wire
+from .errors import ZbusError
+
+log = logging.getLogger("zbus.cli")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """zbus: a message bus addressed by Id."""
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file ([server] table).")
+@click.option("--listen", help="Endpoint to bind, tcp://IP:PORT (default tcp://127.0.0.1:7700).")
+@click.option("--peer", "peers", multiple=True, help="A server to bootstrap from, tcp://HOST:PORT (repeatable).")
+@click.option("--name", help="Human-readable server name.")
+@click.option("--id", "server_id", help="Pin the server Id (S-<uuid4>); default: a fresh one.")
+def server(config_path: str | None, listen: str | None, peers: tuple[str, ...], name: str | None,
+           server_id: str | None) -> None:
+    """Run a relay server until SIGINT/SIGTERM."""
+    from .config import load_server_config
+    from .server import Server
+
+    try:
+        cfg = load_server_config(config_path, listen=listen, peers=list(peers), name=name, id=server_id)
+        node = Server(cfg)
+    except ZbusError as exc:
+        raise click.ClickException(str(exc)) from None
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+        node.stop()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        node.start()
+    except Exception as exc:  # bind errors and the like
+        raise click.ClickException(f"cannot start server on {cfg.listen}: {exc}") from None
+    click.echo(f"zbus server {node.id} ({node.name}) listening on {node.endpoint}", err=False)
+    sys.stdout.flush()
+    while not stop.wait(0.5):
+        pass
+    node.stop()
+
+
+@main.command()
+@click.option("--server", "servers", multiple=True, help="Server endpoint tcp://HOST:PORT (repeatable).")
+@click.option("--name", help="This client's name.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file ([client] table).")
+def client(servers: tuple[str, ...], name: str | None, config_path: str | None) -> None:
+    """Interactive client: type 'NAME-OR-ID message', see what arrives."""
+    from .interactive import run_interactive
+
+    run_interactive(list(servers) or None, name, config_path)
+
+
+@main.command()
+@click.option("--server", "server_endpoint", default="tcp://127.0.0.1:7700", show_default=True,
+              help="The server to ask.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (shape in docs/operations.md).")
+@click.option("--timeout", default=3.0, show_default=True, help="Seconds to wait for the answer.")
+def status(server_endpoint: str, as_json: bool, timeout: float) -> None:
+    """Show the cluster as one server sees it."""
+    from .status import query_status, render_status
+
+    try:
+        reply = query_status(server_endpoint, timeout)
+    except ZbusError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(wire.status_to_json(reply), indent=2))
+    else:
+        render_status(reply)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def bench(ctx: click.Context) -> None:
+    """Run the benchmark harness (arguments as for benchmarks/run.py; try --help)."""
+    from .bench.harness import main as bench_main
+
+    sys.exit(bench_main(list(ctx.args)))
+
+
+@main.command()
+@click.option("--listen", default="tcp://127.0.0.1:7700", show_default=True, help="Where the demo server binds.")
+@click.option("--count", default=0, help="Stop after this many round trips (0: until Ctrl-C).")
+def demo(listen: str, count: int) -> None:
+    """The embedded default: a local server and two clients exchanging messages by Id."""
+    from .demo import run_demo
+
+    run_demo(listen, count)
+
+
+if __name__ == "__main__":
+    main()

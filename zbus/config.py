@@ -1,0 +1,163 @@
+"""Configuration schema and loading. The one place that knows config keys.
+
+A config file is TOML with a ``[client]`` and/or a ``[server]`` table::
+
+    [client]
+    servers = ["tcp://10.0.0.5:7700", "tcp://10.0.0.6:7700"]
+    name = "worker-1"
+
+    [server]
+    listen = "tcp://0.0.0.0:7700"
+    name = "relay-eu-1"
+    peers = ["tcp://10.0.0.6:7700"]
+
+Precedence, lowest first: defaults, the file, environment (``ZBUS_SERVERS``, comma-separated, for
+clients), keyword arguments / command-line flags.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .errors import ConfigError
+from .ids import is_client_id, is_server_id
+from .wire import DEFAULT_MAX_FRAME
+
+DEFAULT_SERVER = "tcp://127.0.0.1:7700"
+ENV_SERVERS = "ZBUS_SERVERS"
+ENV_CONFIG = "ZBUS_CONFIG"
+DEFAULT_CONFIG_FILE = "zbus.toml"
+
+_ENDPOINT = re.compile(r"^tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-*]+):(?P<port>\d{1,5})$")
+
+
+class ClientConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    servers: list[str] = msgspec.field(default_factory=lambda: [DEFAULT_SERVER])
+    name: str = ""
+    id: str | None = None
+    listen: str = "tcp://0.0.0.0:0"
+    max_links: int = 64
+    max_frame: int = DEFAULT_MAX_FRAME
+    connect_timeout: float = 5.0  # seconds a new Client waits for its first server
+
+
+class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    listen: str = DEFAULT_SERVER
+    name: str = ""
+    id: str | None = None
+    peers: list[str] = []
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_pending: int = 10_000  # relayed messages held for slow receivers before intake pauses
+    client_timeout: float = 3.0  # seconds of silence after which a client is dropped from the list
+
+
+class ConfigFile(msgspec.Struct, forbid_unknown_fields=True):
+    client: dict[str, Any] = {}
+    server: dict[str, Any] = {}
+
+
+def parse_endpoint(value: Any, where: str, *, allow_port_zero: bool = False) -> tuple[str, int]:
+    """Check a ``tcp://host:port`` endpoint; return (host, port) or raise ConfigError at ``where``."""
+    match = _ENDPOINT.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(f"{where}: {value!r} is not a tcp://host:port endpoint")
+    port = int(match["port"])
+    if not (0 if allow_port_zero else 1) <= port <= 65535:
+        raise ConfigError(f"{where}: {value!r} has port {port}, expected 1-65535")
+    host = match["host"].strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host not in ("*", "localhost") and not re.match(r"^[A-Za-z0-9]([A-Za-z0-9\-.]*[A-Za-z0-9])?$", host):
+            raise ConfigError(f"{where}: {value!r} has no valid host") from None
+    return host, port
+
+
+def _read_file(path: Path) -> ConfigFile:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return msgspec.convert(raw, ConfigFile)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {_explain(exc)}; expected tables [client] and/or [server]") from None
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    # msgspec says "Expected `int`, got `str` - at `$.max_links`"; turn the path into a key name.
+    text = str(exc)
+    message, _, path = text.partition(" - at `")
+    key = path.rstrip("`").removeprefix("$").lstrip(".")
+    return f"{key or '(top level)'}: {message[0].lower() + message[1:]}" if message else text
+
+
+def _build(cls: type, section: str, values: dict[str, Any], source: str) -> Any:
+    try:
+        return msgspec.convert(values, cls)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{section}.{_explain(exc)} (in {source})") from None
+
+
+def _locate(config: str | os.PathLike | None) -> Path | None:
+    if config is not None:
+        return Path(config)
+    if os.environ.get(ENV_CONFIG):
+        return Path(os.environ[ENV_CONFIG])
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.is_file() else None
+
+
+def load_client_config(config: str | os.PathLike | None = None, **overrides: Any) -> ClientConfig:
+    """Defaults < file < ``ZBUS_SERVERS`` < keyword arguments (``None`` means "not given")."""
+    path = _locate(config)
+    values: dict[str, Any] = dict(_read_file(path).client) if path else {}
+    source = str(path) if path else "defaults"
+    env = os.environ.get(ENV_SERVERS)
+    if env:
+        values["servers"] = [s.strip() for s in env.split(",") if s.strip()]
+        source += f" and ${ENV_SERVERS}"
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = _build(ClientConfig, "client", values, source)
+    if not cfg.servers:
+        raise ConfigError(f"client.servers (in {source}): empty list, expected at least one tcp://host:port")
+    for i, endpoint in enumerate(cfg.servers):
+        parse_endpoint(endpoint, f"client.servers[{i}] (in {source})")
+    parse_endpoint(cfg.listen, f"client.listen (in {source})", allow_port_zero=True)
+    if cfg.id is not None and not is_client_id(cfg.id):
+        raise ConfigError(f"client.id (in {source}): {cfg.id!r} is not C-<uuid4>")
+    _check_positive(cfg.max_frame, "client.max_frame", source)
+    if cfg.max_links < 0:
+        raise ConfigError(f"client.max_links (in {source}): {cfg.max_links}, expected an integer >= 0")
+    return cfg
+
+
+def load_server_config(config: str | os.PathLike | None = None, **overrides: Any) -> ServerConfig:
+    """Defaults < file < keyword arguments / flags (``None`` or empty means "not given")."""
+    path = _locate(config)
+    values: dict[str, Any] = dict(_read_file(path).server) if path else {}
+    source = str(path) if path else "defaults"
+    values.update({k: v for k, v in overrides.items() if v not in (None, (), [])})
+    cfg = _build(ServerConfig, "server", values, source)
+    parse_endpoint(cfg.listen, f"server.listen (in {source})", allow_port_zero=True)
+    for i, endpoint in enumerate(cfg.peers):
+        parse_endpoint(endpoint, f"server.peers[{i}] (in {source})")
+    if cfg.id is not None and not is_server_id(cfg.id):
+        raise ConfigError(f"server.id (in {source}): {cfg.id!r} is not S-<uuid4>")
+    _check_positive(cfg.max_frame, "server.max_frame", source)
+    _check_positive(cfg.max_pending, "server.max_pending", source)
+    return cfg
+
+
+def _check_positive(value: int, key: str, source: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} (in {source}): {value}, expected a positive integer")

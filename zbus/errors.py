@@ -1,0 +1,27 @@
+"""The exceptions zbus raises. Every one derives from :class:`ZbusError`."""
+
+from __future__ import annotations
+
+
+class ZbusError(Exception):
+    """Base class of every zbus error."""
+
+
+class Unreachable(ZbusError):
+    """No path to the destination: no direct link, and no connected server lists it."""
+
+
+class Disconnected(ZbusError):
+    """The client has no live server connection right now; it reconnects by itself."""
+
+
+class ConfigError(ZbusError, ValueError):
+    """A configuration value is wrong. The message names the file, the key and the expected form."""
+
+
+class ProtocolError(ZbusError):
+    """A peer broke the wire protocol, or refused us for a protocol reason."""
+
+
+class IdInUse(ProtocolError):
+    """A server refused to register this client: another live connection already holds its Id."""

@@ -1,0 +1,206 @@
+"""The server driver: one ROUTER, a sync poll loop, and the pure :class:`~zbus.relay.ServerCore`.
+
+The loop drains the socket in batches (``copy=False``; a payload frame is forwarded as received)
+and only moves bytes between the socket and the core. Relay sends use ``ROUTER_MANDATORY``: a
+destination whose pipe is full gets a per-destination queue, and when queued messages pass
+``max_pending`` the server stops reading until the queues drain, which pushes back on the senders
+through TCP instead of dropping or growing memory without bound.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from . import sockets, wire
+from .config import ServerConfig, load_server_config
+from .ids import new_server_id
+from .relay import ServerCore
+from .wire import DropReason
+
+log = logging.getLogger("zbus.server")
+
+BATCH = 512  # messages handled per wake-up before housekeeping
+POLL_MS = 50  # idle poll; also bounds how long stop() takes
+RETRY_MS = 1  # poll while messages wait for a full pipe
+SWEEP_S = 0.5  # how often silent clients are expired
+
+
+class Server:
+    """A zbus relay server. ``run()`` blocks; ``start()`` runs it in an owned thread."""
+
+    def __init__(self, config: ServerConfig | None = None, **overrides: Any) -> None:
+        self.config = config if config is not None else load_server_config(None, **overrides)
+        self.id = self.config.id or new_server_id()
+        self.name = self.config.name or self.id[:10]
+        self._stopping = threading.Event()
+        self._bound = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.endpoint = self.config.listen
+        self.core: ServerCore | None = None
+        self._pending: dict[bytes, collections.deque] = {}
+        self._pending_count = 0
+        self._warned: set[bytes] = set()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self, timeout: float = 5.0) -> "Server":
+        self._thread = threading.Thread(target=self._run_captured, name=f"zbus-server-{self.name}", daemon=True)
+        self._thread.start()
+        if not self._bound.wait(timeout) or self._error is not None:
+            self.stop()
+            raise self._error or TimeoutError(f"server did not bind {self.config.listen} within {timeout}s")
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+            self._thread = None
+
+    close = stop
+
+    def __enter__(self) -> "Server":
+        return self.start() if self._thread is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run_captured(self) -> None:
+        try:
+            self.run()
+        except BaseException as exc:  # surfaced to start()
+            self._error = exc
+            self._bound.set()
+
+    def run(self) -> None:
+        """Bind and serve until :meth:`stop` is called."""
+        router = sockets.tune(sockets.context().socket(zmq.ROUTER), max_frame=self.config.max_frame)
+        try:
+            router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            router.bind(self.config.listen)
+            self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.core = ServerCore(self.id, self.name, self.endpoint, self.config.client_timeout)
+            self._bound.set()
+            log.info("server %s (%s) listening on %s", self.id, self.name, self.endpoint)
+            self._serve(router)
+        finally:
+            router.close(linger=0)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _serve(self, router: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        core = self.core
+        assert core is not None
+        next_sweep = 0.0
+        paused_total = 0.0  # the core's clock stops while we are not reading, so no one expires
+        while not self._stopping.is_set():
+            paused = self._pending_count >= self.config.max_pending
+            poll_started = time.monotonic()
+            timeout = RETRY_MS if self._pending_count else POLL_MS
+            if paused:
+                poller.modify(router, 0)
+            ready = poller.poll(timeout)
+            if paused:
+                poller.modify(router, zmq.POLLIN)
+                paused_total += time.monotonic() - poll_started
+            now = time.monotonic() - paused_total
+            if ready and not paused:
+                for _ in range(BATCH):
+                    try:
+                        frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._on_frames(router, frames, now)
+            if now >= next_sweep:
+                next_sweep = now + SWEEP_S
+                for conn in core.expire(now):
+                    self._lost(conn)
+            for conn, header, payload in core.flush():
+                self._send(router, conn, header, payload)
+            if self._pending_count:
+                self._retry_pending(router)
+
+    def _on_frames(self, router: zmq.Socket, frames: list[zmq.Frame], now: float) -> None:
+        core = self.core
+        conn = frames[0].bytes
+        if wire.oversized(frames, self.config.max_frame):
+            return self._bad(conn, DropReason.OVERSIZED, f"a frame over max_frame={self.config.max_frame}")
+        if len(frames) < 2:
+            return self._bad(conn, DropReason.MALFORMED, "no header frame")
+        try:
+            header = wire.decode(frames[1].buffer)
+        except wire.WireError as exc:
+            return self._bad(conn, exc.reason, str(exc))
+        if type(header) is wire.Data:
+            if len(frames) != 3:
+                return self._bad(conn, DropReason.MALFORMED, "Data without exactly one payload frame")
+            routed = core.relay(conn, header, len(frames[2]), now)
+            if routed is not None:
+                self._send(router, routed[0], routed[1], frames[2])
+            return
+        if len(frames) != 2:
+            return self._bad(conn, DropReason.MALFORMED, f"{type(header).__name__} with a payload frame")
+        for out_conn, out_header, payload in core.receive(conn, header, now):
+            self._send(router, out_conn, out_header, payload)
+
+    def _bad(self, conn: bytes, reason: DropReason, detail: str) -> None:
+        self.core.drop(reason)
+        if conn not in self._warned and len(self._warned) < 10_000:
+            self._warned.add(conn)
+            log.warning("dropping frames from connection %s: %s (logged once per connection)", conn.hex(), detail)
+
+    def _lost(self, conn: bytes) -> None:
+        """``conn`` went silent and the core forgot it: drop what still waits for it."""
+        self._warned.discard(conn)
+        queued = self._pending.pop(conn, None)
+        if queued:
+            self._pending_count -= len(queued)
+            self.core.drop(DropReason.UNROUTABLE, len(queued))
+
+    def _send(self, router: zmq.Socket, conn: bytes, header: bytes, payload: Any) -> None:
+        queued = self._pending.get(conn)
+        if queued is not None:  # keep order behind what is already waiting
+            queued.append((header, payload))
+            self._pending_count += 1
+            return
+        try:
+            self._send_now(router, conn, header, payload)
+        except zmq.Again:
+            self._pending[conn] = collections.deque([(header, payload)])
+            self._pending_count += 1
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EHOSTUNREACH:
+                raise
+            self.core.drop(DropReason.UNROUTABLE)
+
+    @staticmethod
+    def _send_now(router: zmq.Socket, conn: bytes, header: bytes, payload: Any) -> None:
+        parts = [conn, header] if payload is None else [conn, header, payload]
+        router.send_multipart(parts, zmq.NOBLOCK, copy=False)
+
+    def _retry_pending(self, router: zmq.Socket) -> None:
+        for conn in list(self._pending):
+            queued = self._pending[conn]
+            try:
+                while queued:
+                    header, payload = queued[0]
+                    self._send_now(router, conn, header, payload)
+                    queued.popleft()
+                    self._pending_count -= 1
+            except zmq.Again:
+                continue
+            except zmq.ZMQError as exc:
+                if exc.errno != errno.EHOSTUNREACH:
+                    raise
+                self._pending_count -= len(queued)
+                self.core.drop(DropReason.UNROUTABLE, len(queued))
+                queued.clear()
+            del self._pending[conn]

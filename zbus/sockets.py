@@ -1,0 +1,38 @@
+"""Shared pyzmq settings: one context per process, and the options every zbus socket uses."""
+
+from __future__ import annotations
+
+import threading
+
+import zmq
+
+HEARTBEAT_IVL_MS = 500  # libzmq pings an idle connection this often...
+HEARTBEAT_TIMEOUT_MS = 1500  # ...and drops it when no traffic came back for this long
+RECONNECT_IVL_MS = 100
+RECONNECT_IVL_MAX_MS = 1000
+
+_context: zmq.Context | None = None
+_context_lock = threading.Lock()
+
+
+def context() -> zmq.Context:
+    """The process-wide zbus context (inproc endpoints need a shared one). Never terminated early."""
+    global _context
+    with _context_lock:
+        if _context is None or _context.closed:
+            _context = zmq.Context()
+        return _context
+
+
+def tune(sock: zmq.Socket, *, max_frame: int) -> zmq.Socket:
+    """Options for a TCP-facing socket: heartbeats, fast reconnect, a hard size cap, no linger."""
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+    # Frames over max_frame are dropped and counted by zbus; libzmq cuts a connection only past
+    # twice that, so a hostile peer cannot make us buffer without bound.
+    sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_frame)
+    sock.setsockopt(zmq.LINGER, 0)
+    return sock

@@ -1,0 +1,54 @@
+"""Ask a server for its view of the cluster (``zbus-node status``)."""
+
+from __future__ import annotations
+
+import zmq
+
+from . import sockets, wire
+from .config import parse_endpoint
+from .errors import ConfigError, Disconnected, ProtocolError
+
+
+def query_status(endpoint: str, timeout: float = 3.0) -> wire.StatusReply:
+    try:
+        parse_endpoint(endpoint, "--server")
+    except ConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    sock = sockets.tune(sockets.context().socket(zmq.DEALER), max_frame=wire.DEFAULT_MAX_FRAME)
+    try:
+        sock.connect(endpoint)
+        sock.send(wire.encode(wire.StatusRequest()))
+        if not sock.poll(int(timeout * 1000)):
+            raise Disconnected(f"no answer from {endpoint} within {timeout}s (is a zbus server running there?)")
+        frames = sock.recv_multipart()
+        try:
+            reply = wire.decode(frames[0])
+        except wire.WireError as exc:
+            raise ProtocolError(f"{endpoint} answered something that is not a zbus status: {exc}") from None
+        if not isinstance(reply, wire.StatusReply):
+            raise ProtocolError(f"{endpoint} answered {type(reply).__name__}, expected StatusReply")
+        return reply
+    finally:
+        sock.close(linger=0)
+
+
+def render_status(reply: wire.StatusReply) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    servers = Table(title=f"zbus cluster (asked {reply.self_id}; master {reply.master})")
+    for column in ("id", "name", "endpoint", "role", "alive", "clients"):
+        servers.add_column(column)
+    for s in reply.servers:
+        servers.add_row(s.id, s.name, s.endpoint, s.role, "yes" if s.alive else "no", str(s.clients))
+    console.print(servers)
+    clients = Table(title=f"{len(reply.clients)} clients")
+    for column in ("id", "name", "server"):
+        clients.add_column(column)
+    for c in reply.clients:
+        clients.add_row(c.id, c.name, c.server)
+    console.print(clients)
+    st = reply.stats
+    dropped = ", ".join(f"{k}={v}" for k, v in sorted(st.dropped.items())) or "none"
+    console.print(f"relayed {st.relayed_msgs} messages, {st.relayed_bytes} bytes; dropped: {dropped}")

@@ -1,0 +1,197 @@
+"""The zbus wire format. Every frame layout and message type lives in this module.
+
+A zbus message is a ZMQ multipart message::
+
+    [routing id ..., header, payload?]
+
+* routing ids are added and removed by ROUTER sockets; zbus code never writes them into headers;
+* ``header`` is one byte of protocol version (:data:`WIRE_VERSION`) followed by a msgpack-encoded
+  member of the :data:`Header` tagged union (msgspec Structs, encoded as arrays);
+* ``payload`` is the user's bytes, a frame of its own: it is never decoded or re-encoded, and a
+  relay forwards the very frame it received.
+
+Frames that break these rules are dropped and counted by the receiver (:class:`DropReason`).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Union
+
+import msgspec
+
+WIRE_VERSION = 1
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+_VERSION_BYTE = bytes([WIRE_VERSION])
+
+
+class DropReason(str, enum.Enum):
+    """Why a received frame was dropped; each is a counter in the node's statistics."""
+
+    BAD_VERSION = "bad_version"
+    UNDECODABLE = "undecodable"
+    OVERSIZED = "oversized"
+    MALFORMED = "malformed"  # wrong number of frames or a message that makes no sense here
+    UNROUTABLE = "unroutable"  # a relay's destination is not connected (any more)
+    UNREGISTERED = "unregistered"  # data from a connection that never said Hello
+
+
+class WireError(Exception):
+    """A header could not be decoded; ``reason`` says why."""
+
+    def __init__(self, reason: DropReason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+
+
+class _Msg(msgspec.Struct, tag=True, array_like=True, frozen=True):
+    """Base of every header type."""
+
+
+class NetState(_Msg):
+    """What a node knows of its own addresses."""
+
+    private: list[str] = []  # IPs found on the node's interfaces
+    public: list[str] = []  # "ip:port" endpoints as observed by servers
+    listen: str = ""  # tcp://ip:port of the node's own ROUTER, "" if it listens nowhere
+
+
+class ClientInfo(_Msg):
+    id: str
+    name: str
+    net: NetState = NetState()
+
+
+class Hello(_Msg):
+    """First message on a connection: who the sender is (client -> server registration).
+
+    ``instance`` is random per process: a reconnecting client (same instance) takes its Id over
+    from its own stale connection, while another process claiming the Id is refused.
+    """
+
+    id: str
+    name: str
+    net: NetState = NetState()
+    instance: str = ""
+
+
+class Heartbeat(_Msg):
+    """Client -> server, about once a second: I am alive (servers expire silent clients)."""
+
+
+class Welcome(_Msg):
+    """Answer to a :class:`Hello`: the registration is accepted."""
+
+    server_id: str
+    server_name: str
+
+
+class ClientDelta(_Msg):
+    """A change of a server's client list, or the whole list when ``full``.
+
+    ``version`` is the list's version after the change; a delta applies only on top of
+    ``version - 1``. A receiver that sees a gap asks for a :class:`Resync`.
+    """
+
+    server_id: str
+    version: int
+    full: bool
+    upsert: list[ClientInfo] = []
+    removed: list[str] = []
+
+
+class Resync(_Msg):
+    """Client -> server: send me your whole client list (I saw a version gap)."""
+
+
+class Data(_Msg):
+    """User data; the payload is the next frame. ``src`` is stamped by whoever forwards it."""
+
+    dst: str
+    src: str = ""
+    seq: int = 0
+
+
+class Error(_Msg):
+    code: str
+    message: str
+
+
+class StatusRequest(_Msg):
+    """Anyone -> server: describe the cluster as you see it."""
+
+
+class ServerStatus(_Msg):
+    id: str
+    name: str
+    endpoint: str
+    role: str  # "master" | "server"
+    alive: bool
+    clients: int
+
+
+class ClientStatus(_Msg):
+    id: str
+    name: str
+    server: str
+
+
+class ServerStats(_Msg):
+    clients: int = 0
+    relayed_msgs: int = 0
+    relayed_bytes: int = 0
+    dropped: dict[str, int] = {}
+
+
+class StatusReply(_Msg):
+    self_id: str
+    master: str
+    servers: list[ServerStatus]
+    clients: list[ClientStatus]
+    stats: ServerStats
+
+
+Header = Union[
+    Hello, Heartbeat, Welcome, NetState, ClientDelta, Resync, Data, Error, StatusRequest, StatusReply
+]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Header)
+
+
+def encode(header: Header) -> bytes:
+    """Encode a header frame: version byte + msgpack."""
+    return _VERSION_BYTE + _encoder.encode(header)
+
+
+def decode(frame: bytes | memoryview) -> Header:
+    """Decode a header frame; raise :class:`WireError` if it is not one we understand."""
+    view = memoryview(frame)
+    if len(view) == 0:
+        raise WireError(DropReason.MALFORMED, "empty header frame")
+    if view[0] != WIRE_VERSION:
+        raise WireError(DropReason.BAD_VERSION, f"protocol version {view[0]}, we speak {WIRE_VERSION}")
+    try:
+        return _decoder.decode(view[1:])
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+        raise WireError(DropReason.UNDECODABLE, str(exc)) from None
+
+
+def oversized(frames: list, max_frame: int) -> bool:
+    """True if any frame is longer than ``max_frame`` bytes."""
+    return any(len(f) > max_frame for f in frames)
+
+
+def status_to_json(reply: StatusReply) -> dict:
+    """The ``zbus-node status --json`` shape (see ARCHITECTURE.md)."""
+    return {
+        "self": reply.self_id,
+        "master": reply.master,
+        "servers": [
+            {"id": s.id, "name": s.name, "endpoint": s.endpoint, "role": s.role,
+             "alive": s.alive, "clients": s.clients}
+            for s in reply.servers
+        ],
+        "clients": [{"id": c.id, "name": c.name, "server": c.server} for c in reply.clients],
+        "stats": msgspec.to_builtins(reply.stats),
+    }
