@@ -119,6 +119,11 @@ class ClientCore:
                 out.append((session.index, self._heartbeat))
         return out
 
+    def goodbye(self) -> list[Output]:
+        """What to send on close: a Bye to every server that has us registered."""
+        bye = wire.encode(wire.Bye())
+        return [(s.index, bye) for s in self.sessions if s.state is SessionState.REGISTERED]
+
     def next_deadline(self) -> float | None:
         deadlines = [
             t for s in self.sessions for t in (s.next_hello, s.next_heartbeat) if t is not None

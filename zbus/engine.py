@@ -143,6 +143,8 @@ class Engine:
             now = time.monotonic()
             if self._ctl in events:
                 self._flush_tx(dealers, stalled_tx)
+                for index, header in core.goodbye():
+                    self._send_control(dealers[index], header)
                 return
             for monitor, index in index_of_monitor.items():
                 if monitor in events:

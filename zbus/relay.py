@@ -74,6 +74,9 @@ class ServerCore:
             old = self.table.get(client_id)
             self.table.upsert(wire.ClientInfo(client_id, old.name if old else "", header))
             return []
+        if isinstance(header, wire.Bye):
+            self.connection_lost(conn)
+            return []
         if isinstance(header, wire.Resync):
             if conn in self._id_of:
                 self._needs_snapshot.add(conn)

@@ -22,6 +22,7 @@ class ClientTable:
         self.version = 0
         self._entries: dict[str, ClientInfo] = {}
         self._changed: dict[str, ClientInfo | None] = {}  # id -> new info, None = removed
+        self._published: set[str] = set()  # ids in the last published version
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -41,8 +42,12 @@ class ClientTable:
             self._changed[info.id] = info
 
     def remove(self, client_id: str) -> None:
-        if self._entries.pop(client_id, None) is not None:
+        if self._entries.pop(client_id, None) is None:
+            return
+        if client_id in self._published:
             self._changed[client_id] = None
+        else:
+            self._changed.pop(client_id, None)  # came and went between two publications
 
     def take_delta(self) -> ClientDelta | None:
         """The changes since the last call as one delta (and a new version), or None if none."""
@@ -51,6 +56,8 @@ class ClientTable:
         self.version += 1
         upsert = [info for info in self._changed.values() if info is not None]
         removed = [cid for cid, info in self._changed.items() if info is None]
+        self._published.difference_update(removed)
+        self._published.update(info.id for info in upsert)
         self._changed.clear()
         return ClientDelta(self.server_id, self.version, False, upsert, removed)
 

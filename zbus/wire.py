@@ -79,6 +79,10 @@ class Heartbeat(_Msg):
     """Client -> server, about once a second: I am alive (servers expire silent clients)."""
 
 
+class Bye(_Msg):
+    """Client -> server on close: forget me now rather than after the silence timeout."""
+
+
 class Welcome(_Msg):
     """Answer to a :class:`Hello`: the registration is accepted."""
 
@@ -152,7 +156,7 @@ class StatusReply(_Msg):
 
 
 Header = Union[
-    Hello, Heartbeat, Welcome, NetState, ClientDelta, Resync, Data, Error, StatusRequest, StatusReply
+    Hello, Heartbeat, Bye, Welcome, NetState, ClientDelta, Resync, Data, Error, StatusRequest, StatusReply
 ]
 
 _encoder = msgspec.msgpack.Encoder()

@@ -1,0 +1,75 @@
+"""Test helpers: free ports, waiting with a deadline, zbus-node server processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.01) -> object:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)  # polling interval of a deadline wait, not synchronisation
+
+
+class ServerProcess:
+    """A real ``zbus-node server`` subprocess on 127.0.0.1."""
+
+    def __init__(self, port: int, name: str, extra: list[str] | None = None) -> None:
+        self.port = port
+        self.name = name
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.extra = extra or []
+        self.proc: subprocess.Popen | None = None
+        self.id: str | None = None
+
+    def start(self, timeout: float = 10.0) -> "ServerProcess":
+        argv = [sys.executable, "-m", "zbus.cli", "server", "--listen", self.endpoint, "--name", self.name, *self.extra]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + timeout
+        line = self.proc.stdout.readline()  # the ready line; EOF if it died
+        if "listening on" not in line or time.monotonic() > deadline:
+            self.kill()
+            raise AssertionError(f"server {self.name} did not start: {line!r} {self.proc.stderr.read()!r}")
+        self.id = line.split()[2]
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None:
+            for stream in (self.proc.stdout, self.proc.stderr):
+                if stream:
+                    stream.close()
+
+    def stop(self) -> int | None:
+        """Graceful stop (SIGTERM); returns the exit code."""
+        self.kill(signal.SIGTERM)
+        return self.proc.returncode if self.proc else None
