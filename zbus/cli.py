@@ -94,7 +94,7 @@ def status(server_endpoint: str, as_json: bool, timeout: float) -> None:
         render_status(reply)
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)
 @click.pass_context
 def bench(ctx: click.Context) -> None:
     """Run the benchmark harness (arguments as for benchmarks/run.py; try --help)."""

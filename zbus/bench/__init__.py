@@ -1,0 +1,167 @@
+"""Benchmark harness: zbus next to raw pyzmq and NATS, each role in its own process.
+
+This module is the contract between the harness (`zbus.bench.harness`, the parent process) and the
+role modules (`raw`, `nats_roles`, `zbus_roles`, whose functions run in spawned child processes):
+
+- a `Case` names the four role functions of one transport and how to start its infrastructure;
+- every role function is `role(ctl: Control, job: Job) -> None`; it reports through `ctl`:
+  `ctl.ready(info)` once connected, `ctl.wait_go()` (senders and pingers only), then
+  `ctl.report(...)` with one of the report types below, then `ctl.wait_stop()` before closing sockets
+  so that nothing still queued is thrown away.
+
+Run it with `python benchmarks/run.py --help` (or `python -m zbus.bench`).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from zbus.bench.harness import Launcher
+
+#: First message of a handshake; it proves the path works both ways before timing starts.
+HELLO = b"zbus-bench-hello"
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one role process does: sizes, counts and its time bounds."""
+
+    size: int  # payload bytes
+    count: int  # messages to send (throughput) or timed pings (latency)
+    warmup: int  # latency only: pings sent before timing starts
+    time_cap_s: float  # a sender or pinger stops after this long even if count is not reached
+    idle_timeout_s: float  # a receiver gives up this long after the last message it got
+    first_timeout_s: float  # a receiver gives up if the first message takes longer than this
+    endpoint: str = ""  # from the case's infrastructure: relay or server address
+    peer: str = ""  # from the first role's ready(): its address, identity or name
+
+    def payload(self) -> bytes:
+        """The pre-built payload every message of this job carries."""
+        return b"\xa5" * self.size
+
+
+@dataclass(frozen=True)
+class SendReport:
+    sent: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class ReceiveReport:
+    received: int
+    first_ns: int  # perf_counter_ns() at the first message (0 if none)
+    last_ns: int  # perf_counter_ns() at the last message (0 if none)
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EchoReport:
+    echoed: int
+
+
+@dataclass(frozen=True)
+class PingReport:
+    samples_ns: list[int] = field(default_factory=list)  # round trips after warm-up
+    timeouts: int = 0
+    notes: tuple[str, ...] = ()
+
+
+RoleFn = Callable[["Control", Job], None]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One transport under test.
+
+    The four role functions must be module-level (they are pickled by name into spawned processes).
+    `start_infra`, if set, runs in the parent before any role, starts what the roles connect to
+    (through the `Launcher`, which ends it afterwards) and returns its endpoint (`Job.endpoint`).
+    """
+
+    name: str
+    summary: str
+    throughput_receiver: RoleFn
+    throughput_sender: RoleFn
+    rtt_echo: RoleFn
+    rtt_ping: RoleFn
+    start_infra: Callable[["Launcher"], str] | None = None
+
+
+class CaseUnavailable(Exception):
+    """This case cannot run here (a binary or package is missing); the message says which."""
+
+
+class Aborted(Exception):
+    """The harness told this role to stop (or went away) before it said go."""
+
+
+class Control:
+    """The role side of the control pipe to the harness."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def ready(self, info: str = "") -> None:
+        self._conn.send(("ready", info))
+
+    def report(self, report: object) -> None:
+        self._conn.send(("report", report))
+
+    def wait_go(self, timeout_s: float = 60.0) -> None:
+        if not self._conn.poll(timeout_s):
+            raise Aborted(f"no go from the harness within {timeout_s} s")
+        try:
+            kind = self._conn.recv()[0]
+        except EOFError:
+            raise Aborted("the harness went away") from None
+        if kind != "go":
+            raise Aborted(f"harness said {kind!r} instead of go")
+
+    def wait_stop(self, timeout_s: float = 60.0) -> None:
+        """Wait until the harness says stop (or goes away); then the role may close its sockets."""
+        try:
+            if self._conn.poll(timeout_s):
+                self._conn.recv()
+        except (EOFError, OSError):
+            pass
+
+
+def free_tcp_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago (bind port 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_accepting(port: int, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Poll 127.0.0.1:port until a TCP connect succeeds; fail early if `proc` exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with code {proc.returncode} before accepting")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing accepted on 127.0.0.1:{port} within {timeout_s} s")
+        time.sleep(0.05)
+
+
+def retry_until(fn: Callable[[], object], retry_on: type[BaseException], timeout_s: float) -> object:
+    """Call fn until it stops raising `retry_on` (then return its value) or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return fn()
+        except retry_on:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)

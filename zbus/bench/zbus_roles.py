@@ -1,0 +1,162 @@
+"""zbus through one server: two `zbus.Client`s with `max_links=0` (relay only) and a `zbus-node server`.
+
+Uses only the public client contract: Client(servers, name, max_links), .id, .resolve(name),
+.send(dst, bytes), .recv(timeout) -> Message(src, data, via), .close().
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+
+import zbus
+
+from zbus.bench import (
+    HELLO,
+    Case,
+    Control,
+    EchoReport,
+    Job,
+    PingReport,
+    ReceiveReport,
+    SendReport,
+    free_tcp_port,
+    retry_until,
+)
+
+if not hasattr(zbus, "Client") or importlib.util.find_spec("zbus.cli") is None:
+    raise ImportError("zbus.Client or zbus.cli is not available yet")
+
+_CHECK_EVERY = 1024
+
+
+def _start_server(launcher) -> str:
+    port = free_tcp_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    launcher.start_command([sys.executable, "-m", "zbus.cli", "server", "--listen", endpoint,
+                            "--name", "bench-server"], port)
+    return endpoint
+
+
+def _name(role: str) -> str:
+    return f"bench-{role}-{os.getpid()}"
+
+
+def _client(job: Job, role: str) -> zbus.Client:
+    return zbus.Client(servers=[job.endpoint], name=_name(role), max_links=0)
+
+
+def _connect_to_peer(client: zbus.Client, job: Job) -> str:
+    """Resolve the peer's name, send it HELLO and wait for its HELLO back; return its Id."""
+    dst = retry_until(lambda: client.resolve(job.peer), zbus.Unreachable, job.first_timeout_s)
+    retry_until(lambda: client.send(dst, HELLO), zbus.Unreachable, job.first_timeout_s)
+    client.recv(timeout=job.first_timeout_s)
+    return dst
+
+
+def _answer_hello(client: zbus.Client, job: Job) -> str:
+    """Wait for the peer's HELLO and answer it; return the peer's Id."""
+    hello = client.recv(timeout=job.first_timeout_s)
+    retry_until(lambda: client.send(hello.src, HELLO), zbus.Unreachable, job.first_timeout_s)
+    return hello.src
+
+
+def throughput_receiver(ctl: Control, job: Job) -> None:
+    with _client(job, "rx") as client:
+        ctl.ready(_name("rx"))
+        _answer_hello(client, job)
+        clock, recv = time.perf_counter_ns, client.recv
+        vias: set[str] = set()
+        try:
+            message = recv(timeout=job.first_timeout_s)
+        except TimeoutError:
+            ctl.report(ReceiveReport(0, 0, 0, ("no message arrived",)))
+            return
+        first = last = clock()
+        vias.add(message.via)
+        received, idle = 1, job.idle_timeout_s
+        stop_at = first + int((job.time_cap_s + 5.0) * 1e9)
+        try:
+            while received < job.count:
+                recv(timeout=idle)
+                last = clock()
+                received += 1
+                if not received % _CHECK_EVERY and last > stop_at:
+                    break
+        except TimeoutError:
+            pass
+        notes = () if vias == {"relay"} else (f"first message via {', '.join(sorted(vias))}",)
+        ctl.report(ReceiveReport(received, first, last, notes))
+
+
+def throughput_sender(ctl: Control, job: Job) -> None:
+    with _client(job, "tx") as client:
+        dst = _connect_to_peer(client, job)
+        payload, send = job.payload(), client.send
+        ctl.ready()
+        ctl.wait_go()
+        start = time.perf_counter()
+        stop_at = start + job.time_cap_s
+        sent = 0
+        for sent in range(1, job.count + 1):
+            send(dst, payload)
+            if not sent % _CHECK_EVERY and time.perf_counter() > stop_at:
+                break
+        ctl.report(SendReport(sent, time.perf_counter() - start))
+        ctl.wait_stop()
+
+
+def rtt_echo(ctl: Control, job: Job) -> None:
+    with _client(job, "echo") as client:
+        ctl.ready(_name("echo"))
+        peer = _answer_hello(client, job)
+        echoed, timeout = 0, job.first_timeout_s
+        try:
+            while echoed < job.warmup + job.count:
+                message = client.recv(timeout=timeout)
+                client.send(peer, message.data)
+                echoed += 1
+                timeout = job.idle_timeout_s
+        except TimeoutError:
+            pass
+        ctl.report(EchoReport(echoed))
+        ctl.wait_stop()
+
+
+def rtt_ping(ctl: Control, job: Job) -> None:
+    with _client(job, "ping") as client:
+        dst = _connect_to_peer(client, job)
+        payload, send, recv, clock = job.payload(), client.send, client.recv, time.perf_counter_ns
+        ctl.ready()
+        ctl.wait_go()
+        samples: list[int] = []
+        stop_at = clock() + int(job.time_cap_s * 1e9)
+        report = None
+        for i in range(job.warmup + job.count):
+            t0 = clock()
+            send(dst, payload)
+            try:
+                recv(timeout=job.idle_timeout_s)
+            except TimeoutError:
+                report = PingReport(samples, 1, (f"no echo within {job.idle_timeout_s} s at ping {i}",))
+                break
+            t1 = clock()
+            if i >= job.warmup:
+                samples.append(t1 - t0)
+            if t1 > stop_at:
+                report = PingReport(samples, 0, (f"time cap: {len(samples)} of {job.count} samples",))
+                break
+        ctl.report(report or PingReport(samples))
+
+
+ZBUS_RELAY = Case(
+    name="zbus-relay",
+    summary="two zbus.Clients (max_links=0) through one zbus server",
+    throughput_receiver=throughput_receiver,
+    throughput_sender=throughput_sender,
+    rtt_echo=rtt_echo,
+    rtt_ping=rtt_ping,
+    start_infra=_start_server,
+)
