@@ -1,12 +1,16 @@
 """The public clients: :class:`Client` (blocking) and :class:`AsyncClient` (asyncio).
 
-Both drive the same :class:`~zbus.engine.Engine` thread; they differ only in the user-side inproc
-sockets (plain pyzmq vs ``zmq.asyncio``).
+Per server a client has three connections. The engine thread (:mod:`zbus.engine`) owns the control
+connection. The user's threads own the two data connections: ``send`` writes the Data header and
+the payload straight onto the ``data_out`` DEALER, ``recv`` reads them straight off the ``data_in``
+DEALER, so a message crosses no thread inside a client. Their routing ids are random per client and
+announced to the server in the Hello, which is how the server stamps the source Id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import threading
 import time
@@ -17,13 +21,21 @@ import zmq.asyncio
 
 from . import sockets, wire
 from .config import ClientConfig, load_client_config
-from .engine import Engine, index_frame
-from .errors import IdInUse, Unreachable, ZbusError
+from .engine import Engine
+from .errors import Disconnected, IdInUse, Unreachable, ZbusError
 from .ids import new_client_id
+from .relay import TOKEN_BYTES
 from .routing import Routes, choose_path
+from .sockets import recv_frames_rest
+from .wire import DropReason
 
 _HEADER_CACHE_MAX = 4096
-_POLL_SLICE_MS = 200  # a blocking recv() wakes this often so Ctrl-C and close() get through
+_SLICE_MS = 200  # blocking calls wake this often so Ctrl-C, close() and lost servers get through
+_CLOSE_LINGER_MS = 2000  # how long close() lets already-sent messages drain to the servers
+_BYE = wire.encode(wire.Bye())
+_MORE = int(zmq.SNDMORE)
+_NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq's IntFlag arithmetic costs more than a small send
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 class Message(NamedTuple):
@@ -39,8 +51,13 @@ class Peer(NamedTuple):
     rtt: float | None  # seconds, for links that measure it
 
 
+def _token() -> bytes:
+    token = os.urandom(TOKEN_BYTES)
+    return bytes([token[0] | 1]) + token[1:]  # never a leading zero byte (libzmq reserves those)
+
+
 class _ClientBase:
-    """What both clients share: config, Id, engine, path choice and table lookups."""
+    """What both clients share: config, Id, engine, data sockets, path choice and lookups."""
 
     def __init__(
         self,
@@ -60,16 +77,34 @@ class _ClientBase:
         )
         self.id: str = self.config.id or new_client_id()
         self.name: str = self.config.name
-        self._engine = Engine(self.id, self.config)
+        data_in, data_out = _token(), _token()
+        self._engine = Engine(self.id, self.config, data_in, data_out)
         self._rng = random.Random()
         self._headers: dict[str, bytes] = {}
         self._closed = False
+        self.dropped: dict[str, int] = {}
+        ctx = sockets.context()
+        self._ctl = ctx.socket(zmq.PAIR)
+        self._ctl.connect(self._engine.ctl_endpoint)
+        self._outs: list[zmq.Socket] = []
+        self._ins: list[zmq.Socket] = []
+        for endpoint in self.config.servers:
+            out = sockets.tune(ctx.socket(zmq.DEALER), max_frame=self.config.max_frame)
+            out.setsockopt(zmq.ROUTING_ID, data_out)
+            out.setsockopt(zmq.IMMEDIATE, 1)
+            out.setsockopt(zmq.SNDTIMEO, _SLICE_MS)
+            out.connect(endpoint)
+            inn = sockets.tune(ctx.socket(zmq.DEALER), max_frame=self.config.max_frame)
+            inn.setsockopt(zmq.ROUTING_ID, data_in)
+            inn.connect(endpoint)
+            self._outs.append(out)
+            self._ins.append(inn)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} name={self.name!r}>"
 
-    # -- path choice (user thread) ----------------------------------------------------------
-    def _frames(self, dst: str, data: Any) -> list:
+    # -- data plane (user threads) ----------------------------------------------------------
+    def _route(self, dst: str) -> tuple[zmq.Socket, int, bytes]:
         if self._closed:
             raise ZbusError(f"{self.id} is closed")
         index = choose_path(dst, self._engine.routes, self._rng)
@@ -78,7 +113,50 @@ class _ClientBase:
             if len(self._headers) >= _HEADER_CACHE_MAX:
                 self._headers.clear()
             header = self._headers[dst] = wire.encode(wire.Data(dst))
-        return [index_frame(index), header, data]
+        return self._outs[index], index, header
+
+    def _still_routed(self, index: int) -> None:
+        """After a send timed out: raise if the server went away, else it is backpressure."""
+        if self._closed:
+            raise ZbusError(f"{self.id} is closed")
+        if index not in self._engine.routes.registered:
+            raise Disconnected(f"lost server {self.config.servers[index]} while sending")
+
+    def _try_recv(self) -> Message | None:
+        """A message if one is waiting on any data socket, without blocking.
+
+        The hot path of every receive: two frame reads, one header decode, no thread hop.
+        """
+        for sock in self._ins:
+            while True:
+                try:
+                    head = sock.recv(_NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                if not head.more:
+                    self._drop(DropReason.MALFORMED)
+                    continue
+                payload = sock.recv(_NOBLOCK, copy=False)
+                if payload.more:
+                    recv_frames_rest(sock)
+                    self._drop(DropReason.MALFORMED)
+                    continue
+                if len(payload) > self.config.max_frame:
+                    self._drop(DropReason.OVERSIZED)
+                    continue
+                try:
+                    header = wire.decode(head.buffer)
+                except wire.WireError as exc:
+                    self._drop(exc.reason)
+                    continue
+                if header.__class__ is not wire.Data:
+                    self._drop(DropReason.MALFORMED)
+                    continue
+                return Message(header.src, payload.bytes, "relay")
+        return None
+
+    def _drop(self, reason: DropReason) -> None:
+        self.dropped[reason.value] = self.dropped.get(reason.value, 0) + 1
 
     # -- lookups ----------------------------------------------------------------------------
     def _peers(self) -> dict[str, Peer]:
@@ -115,13 +193,21 @@ class _ClientBase:
         if not routes.registered and routes.refusals and len(routes.refusals) == len(routes.endpoints):
             raise IdInUse("; ".join(routes.refusals))
 
-    @staticmethod
-    def _message(frames: list[bytes]) -> Message:
-        return Message(frames[0].decode(), frames[2], frames[1].decode())
+    def _close_sockets(self) -> None:
+        """Say Bye in-band (behind the last data) and close; data_out lingers to deliver it."""
+        for index, out in enumerate(self._outs):
+            if index in self._engine.routes.registered:
+                try:
+                    out.send(_BYE, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+            out.close(linger=_CLOSE_LINGER_MS)
+        for sock in (*self._ins, self._ctl):
+            sock.close(linger=0)
 
 
 class Client(_ClientBase):
-    """A blocking zbus client. Thread-safe; all socket I/O happens in one owned engine thread.
+    """A blocking zbus client. Thread-safe.
 
     The constructor returns once a server has registered the client and sent its client list, or
     after ``connect_timeout`` seconds (then ``send`` raises ``Disconnected`` until a server is up).
@@ -130,15 +216,11 @@ class Client(_ClientBase):
 
     def __init__(self, servers: list[str] | None = None, name: str | None = None, **kwargs: Any) -> None:
         super().__init__(servers, name, **kwargs)
-        ctx = sockets.context()
-        self._tx = ctx.socket(zmq.PUSH)
-        self._rx = ctx.socket(zmq.PULL)
-        self._ctl = ctx.socket(zmq.PAIR)
-        self._tx.connect(self._engine.tx_endpoint)
-        self._rx.connect(self._engine.rx_endpoint)
-        self._ctl.connect(self._engine.ctl_endpoint)
         self._tx_lock = threading.Lock()
         self._rx_lock = threading.Lock()
+        self._poller = zmq.Poller()
+        for sock in self._ins:
+            self._poller.register(sock, zmq.POLLIN)
         self._engine.start()
         self._engine.wait_for(self._settled, self.config.connect_timeout)
         try:
@@ -148,22 +230,37 @@ class Client(_ClientBase):
             raise
 
     def send(self, dst: str, data: bytes) -> None:
-        """Send ``data`` to the client ``dst`` by the best path. Blocks only under backpressure."""
-        frames = self._frames(dst, data)
+        """Send ``data`` to the client ``dst`` by the best path. Blocks only under backpressure.
+
+        Raises ``Unreachable`` if no path to ``dst`` is known, ``Disconnected`` if no server is.
+        """
+        sock, index, header = self._route(dst)
         with self._tx_lock:
-            self._tx.send_multipart(frames, copy=False)
+            while True:
+                try:
+                    sock.send(header, _MORE)  # blocks up to SNDTIMEO on a full pipe
+                    break
+                except zmq.Again:
+                    self._still_routed(index)
+            sock.send(data, 0, copy=False)  # the rest of a message never blocks
 
     def recv(self, timeout: float | None = None) -> Message:
         """The next message; raise ``TimeoutError`` after ``timeout`` seconds (None: wait forever)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._rx_lock:
+            if not self._closed:
+                message = self._try_recv()
+                if message is not None:
+                    return message
+            deadline = None if timeout is None else time.monotonic() + timeout
             while True:
                 if self._closed:
                     raise ZbusError(f"{self.id} is closed")
-                left_ms = _POLL_SLICE_MS if deadline is None else int(max(0.0, deadline - time.monotonic()) * 1000)
-                if self._rx.poll(min(left_ms, _POLL_SLICE_MS)):
-                    return self._message(self._rx.recv_multipart())
-                if deadline is not None and time.monotonic() >= deadline:
+                message = self._try_recv()
+                if message is not None:
+                    return message
+                left_ms = _SLICE_MS if deadline is None else int(max(0.0, deadline - time.monotonic()) * 1000)
+                if not self._poller.poll(min(left_ms, _SLICE_MS)) and deadline is not None \
+                        and time.monotonic() >= deadline:
                     raise TimeoutError(f"no message within {timeout}s")
 
     def peers(self) -> dict[str, Peer]:
@@ -188,11 +285,14 @@ class Client(_ClientBase):
         if self._closed:
             return
         self._closed = True
-        self._ctl.send(b"stop")
-        self._engine.join()
         with self._tx_lock, self._rx_lock:
-            for sock in (self._tx, self._rx, self._ctl):
-                sock.close(linger=0)
+            self._close_sockets_and_engine()
+
+    def _close_sockets_and_engine(self) -> None:
+        routes_before = self._engine.routes
+        self._engine.stop(self._ctl)
+        self._engine.routes = routes_before  # Bye goes only to servers we were registered with
+        self._close_sockets()
 
     def __enter__(self) -> "Client":
         return self
@@ -202,22 +302,22 @@ class Client(_ClientBase):
 
 
 class AsyncClient(_ClientBase):
-    """The asyncio client: ``async with zbus.AsyncClient(...) as c``; the same methods, awaitable."""
+    """The asyncio client: ``async with zbus.AsyncClient(...) as c``; the same methods, awaitable.
+
+    Data moves with non-blocking calls on the same sockets as the sync client; only the waiting is
+    asyncio (``zmq.asyncio`` shadows of those sockets), so a busy stream costs no loop round-trip.
+    """
 
     def __init__(self, servers: list[str] | None = None, name: str | None = None, **kwargs: Any) -> None:
         super().__init__(servers, name, **kwargs)
-        ctx = zmq.asyncio.Context.shadow(sockets.context())
-        self._tx = ctx.socket(zmq.PUSH)
-        self._rx = ctx.socket(zmq.PULL)
-        self._ctl = ctx.socket(zmq.PAIR)
-        self._tx.connect(self._engine.tx_endpoint)
-        self._rx.connect(self._engine.rx_endpoint)
-        self._ctl.connect(self._engine.ctl_endpoint)
-        self._started = False
+        self._poller = zmq.asyncio.Poller()
+        for sock in self._ins:
+            self._poller.register(zmq.asyncio.Socket.shadow(sock.underlying), zmq.POLLIN)
+        self._out_waiters = [zmq.asyncio.Socket.shadow(s.underlying) for s in self._outs]
+        self._tx_lock = asyncio.Lock()
 
     async def start(self) -> "AsyncClient":
-        if not self._started:
-            self._started = True
+        if not self._engine._started:
             self._engine.start()
             await asyncio.to_thread(self._engine.wait_for, self._settled, self.config.connect_timeout)
             try:
@@ -228,16 +328,29 @@ class AsyncClient(_ClientBase):
         return self
 
     async def send(self, dst: str, data: bytes) -> None:
-        await self._tx.send_multipart(self._frames(dst, data), copy=False)
+        sock, index, header = self._route(dst)
+        async with self._tx_lock:
+            while True:
+                try:
+                    sock.send(header, _NOBLOCK_MORE)
+                    break
+                except zmq.Again:
+                    self._still_routed(index)
+                await self._out_waiters[index].poll(_SLICE_MS, zmq.POLLOUT)
+            sock.send(data, 0, copy=False)
 
     async def recv(self, timeout: float | None = None) -> Message:
-        if self._closed:
-            raise ZbusError(f"{self.id} is closed")
-        try:
-            frames = await asyncio.wait_for(self._rx.recv_multipart(), timeout)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"no message within {timeout}s") from None
-        return self._message(frames)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._closed:
+                raise ZbusError(f"{self.id} is closed")
+            message = self._try_recv()
+            if message is not None:
+                return message
+            left_ms = _SLICE_MS if deadline is None else int(max(0.0, deadline - time.monotonic()) * 1000)
+            if not await self._poller.poll(min(left_ms, _SLICE_MS)) and deadline is not None \
+                    and time.monotonic() >= deadline:
+                raise TimeoutError(f"no message within {timeout}s")
 
     async def peers(self) -> dict[str, Peer]:
         return self._peers()
@@ -256,13 +369,13 @@ class AsyncClient(_ClientBase):
         if self._closed:
             return
         self._closed = True
-        if self._started:
-            await self._ctl.send(b"stop")
-            await asyncio.to_thread(self._engine.join)
+        routes_before = self._engine.routes
+        if self._engine._started:
+            await asyncio.to_thread(self._engine.stop, self._ctl)
         else:
-            self._engine.close_unstarted()
-        for sock in (self._tx, self._rx, self._ctl):
-            sock.close(linger=0)
+            self._engine.stop(self._ctl)
+        self._engine.routes = routes_before
+        self._close_sockets()
 
     async def __aenter__(self) -> "AsyncClient":
         return await self.start()

@@ -46,10 +46,13 @@ Output = tuple[int, bytes]
 
 class ClientCore:
     def __init__(
-        self, client_id: str, name: str, net: wire.NetState, endpoints: list[str], instance: str
+        self, client_id: str, name: str, net: wire.NetState, endpoints: list[str], instance: str,
+        data_in: bytes, data_out: bytes,
     ) -> None:
         self.client_id = client_id
         self.instance = instance
+        self.data_in = data_in
+        self.data_out = data_out
         self._heartbeat = wire.encode(wire.Heartbeat())
         self.name = name
         self.net = net
@@ -119,11 +122,6 @@ class ClientCore:
                 out.append((session.index, self._heartbeat))
         return out
 
-    def goodbye(self) -> list[Output]:
-        """What to send on close: a Bye to every server that has us registered."""
-        bye = wire.encode(wire.Bye())
-        return [(s.index, bye) for s in self.sessions if s.state is SessionState.REGISTERED]
-
     def next_deadline(self) -> float | None:
         deadlines = [
             t for s in self.sessions for t in (s.next_hello, s.next_heartbeat) if t is not None
@@ -132,7 +130,7 @@ class ClientCore:
 
     def _hello(self, session: ServerSession, now: float) -> list[Output]:
         session.next_hello = now + HELLO_RETRY
-        hello = wire.Hello(self.client_id, self.name, self.net, self.instance)
+        hello = wire.Hello(self.client_id, self.name, self.net, self.instance, self.data_in, self.data_out)
         return [(session.index, wire.encode(hello))]
 
     # -- outputs ----------------------------------------------------------------------------

@@ -2,11 +2,18 @@
 
 The driver (:mod:`zbus.server`) feeds it what arrives on the ROUTER, keyed by the connection's
 routing id, and sends what it returns. Outputs are ``(connection, header_bytes, payload | None)``.
+
+Each registered client has three connections to a server: a *control* connection (auto routing
+id; Hello, Heartbeat, lists) and two data connections whose routing ids it announced in its Hello:
+``data_out`` (client -> server Data) and ``data_in`` (server -> client Data). Keeping data off the
+control connection lets the client's user thread own its data sockets, so a message crosses no
+thread inside a client.
 """
 
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
 from typing import Any
 
 from . import wire
@@ -15,6 +22,21 @@ from .tables import ClientTable
 from .wire import DropReason
 
 Output = tuple[bytes, bytes, Any]
+TOKEN_BYTES = 16
+
+
+@dataclass(frozen=True)
+class Registration:
+    client_id: str
+    instance: str
+    control: bytes
+    data_in: bytes
+    data_out: bytes
+
+
+def valid_token(token: bytes) -> bool:
+    # libzmq reserves routing ids that start with a zero byte for its own generated ids.
+    return len(token) == TOKEN_BYTES and token[0] != 0
 
 
 class ServerCore:
@@ -24,11 +46,13 @@ class ServerCore:
         self.name = name
         self.endpoint = endpoint
         self.table = ClientTable(server_id)
-        self._conn_of: dict[str, bytes] = {}  # client id -> connection
-        self._id_of: dict[bytes, str] = {}  # connection -> client id
-        self._instance_of: dict[bytes, str] = {}  # connection -> the registering process's instance
-        self._last_seen: dict[bytes, float] = {}  # connection -> when it last sent anything
+        self._by_id: dict[str, Registration] = {}
+        self._by_control: dict[bytes, Registration] = {}
+        self._by_sender: dict[bytes, Registration] = {}  # data_out routing id -> registration
+        self._receivers: set[bytes] = set()  # data_in routing ids of registered clients
+        self._last_seen: dict[bytes, float] = {}  # control connection -> when it last spoke
         self._needs_snapshot: set[bytes] = set()
+        self._forgotten: list[bytes] = []
         self.relayed_msgs = 0
         self.relayed_bytes = 0
         self.dropped: collections.Counter[str] = collections.Counter()
@@ -36,21 +60,24 @@ class ServerCore:
         self._not_registered = wire.encode(wire.Error("not-registered", "say Hello first"))
 
     # -- data plane -------------------------------------------------------------------------
-    def relay(self, conn: bytes, data: wire.Data, size: int, now: float) -> tuple[bytes, bytes] | None:
+    def relay(self, conn: bytes, data: wire.Data, size: int) -> tuple[bytes, bytes] | None:
         """Route one Data message; returns (destination connection, header to send) or None."""
-        self._last_seen[conn] = now
-        src = self._id_of.get(conn)
+        src = self._by_sender.get(conn)
         if src is None:
             self.drop(DropReason.UNREGISTERED)
             return None
-        dst_conn = self._conn_of.get(data.dst)
-        if dst_conn is None:
+        dst = self._by_id.get(data.dst)
+        if dst is None:
             self.drop(DropReason.UNROUTABLE)
             return None
         self.relayed_msgs += 1
         self.relayed_bytes += size
         # The source is stamped from the connection, never taken from the sender's header.
-        return dst_conn, wire.encode(wire.Data(data.dst, src, data.seq))
+        return dst.data_in, wire.encode(wire.Data(data.dst, src.client_id, data.seq))
+
+    def is_receiver(self, conn: bytes) -> bool:
+        """True if ``conn`` is a registered client's data connection (it may still be connecting)."""
+        return conn in self._receivers
 
     def drop(self, reason: DropReason, count: int = 1) -> None:
         self.dropped[reason.value] += count
@@ -58,75 +85,93 @@ class ServerCore:
     # -- control plane ----------------------------------------------------------------------
     def receive(self, conn: bytes, header: wire.Header, now: float) -> list[Output]:
         """Handle one control message from ``conn``."""
+        if isinstance(header, wire.Hello):
+            self._last_seen[conn] = now
+            return self._hello(conn, header)
+        if isinstance(header, wire.StatusRequest):
+            return [(conn, wire.encode(self.status()), None)]
+        if isinstance(header, wire.Bye) and conn in self._by_sender:
+            # Bye comes in-band on the data connection, behind the last message the client sent.
+            self.connection_lost(self._by_sender[conn].control)
+            return []
+        registration = self._by_control.get(conn)
+        if registration is None:
+            if isinstance(header, (wire.Heartbeat, wire.NetState, wire.Resync)):
+                # We expired it (or restarted): tell it to register again.
+                return [(conn, self._not_registered, None)]
+            if not isinstance(header, wire.Bye):
+                self.drop(DropReason.UNREGISTERED)
+            return []
         self._last_seen[conn] = now
         if isinstance(header, wire.Heartbeat):
-            if conn in self._id_of:
-                return []
-            # We expired it (or restarted): tell it to register again.
-            return [(conn, self._not_registered, None)]
-        if isinstance(header, wire.Hello):
-            return self._hello(conn, header)
-        if isinstance(header, wire.NetState):
-            client_id = self._id_of.get(conn)
-            if client_id is None:
-                self.drop(DropReason.UNREGISTERED)
-                return []
-            old = self.table.get(client_id)
-            self.table.upsert(wire.ClientInfo(client_id, old.name if old else "", header))
             return []
         if isinstance(header, wire.Bye):
             self.connection_lost(conn)
             return []
-        if isinstance(header, wire.Resync):
-            if conn in self._id_of:
-                self._needs_snapshot.add(conn)
+        if isinstance(header, wire.NetState):
+            old = self.table.get(registration.client_id)
+            self.table.upsert(wire.ClientInfo(registration.client_id, old.name if old else "", header))
             return []
-        if isinstance(header, wire.StatusRequest):
-            return [(conn, wire.encode(self.status()), None)]
+        if isinstance(header, wire.Resync):
+            self._needs_snapshot.add(conn)
+            return []
         self.drop(DropReason.MALFORMED)
         return []
 
+    def _refuse(self, conn: bytes, code: str, message: str) -> list[Output]:
+        return [(conn, wire.encode(wire.Error(code, message)), None)]
+
     def _hello(self, conn: bytes, hello: wire.Hello) -> list[Output]:
         if not is_client_id(hello.id):
-            error = wire.Error("bad-id", f"{hello.id!r} is not a client Id (C-<uuid4>)")
-            return [(conn, wire.encode(error), None)]
-        holder = self._conn_of.get(hello.id)
-        if holder is not None and holder != conn and self._instance_of.get(holder) == hello.instance:
-            self.connection_lost(holder)  # the same process on a new connection: take over
-            holder = None
-        if holder is not None and holder != conn:
-            error = wire.Error(
-                "id-in-use",
-                f"{hello.id} is already connected to server {self.server_id} from another "
-                f"connection; refusing this one (a client Id may be used by one process at a time)",
-            )
-            return [(conn, wire.encode(error), None)]
-        previous = self._id_of.get(conn)
-        if previous is not None and previous != hello.id:
-            self.connection_lost(conn)  # the same connection re-registers as someone else
-        self._conn_of[hello.id] = conn
-        self._id_of[conn] = hello.id
-        self._instance_of[conn] = hello.instance
+            return self._refuse(conn, "bad-id", f"{hello.id!r} is not a client Id (C-<uuid4>)")
+        if not (valid_token(hello.data_in) and valid_token(hello.data_out)) or hello.data_in == hello.data_out:
+            return self._refuse(conn, "bad-hello", f"data connection ids must be two distinct {TOKEN_BYTES}-byte ids")
+        holder = self._by_id.get(hello.id)
+        if holder is not None and holder.control != conn:
+            if holder.instance != hello.instance:
+                return self._refuse(
+                    conn, "id-in-use",
+                    f"{hello.id} is already connected to server {self.server_id} from another process; "
+                    f"refusing this one (a client Id may be used by one process at a time)")
+            self.connection_lost(holder.control)  # the same process on a new connection: take over
+        previous = self._by_control.get(conn)
+        if previous is not None:
+            self.connection_lost(conn)  # re-registration on the same connection
+        for token in (hello.data_in, hello.data_out):
+            if token in self._receivers or token in self._by_sender:
+                return self._refuse(conn, "bad-hello", "data connection id already in use")
+        registration = Registration(hello.id, hello.instance, conn, hello.data_in, hello.data_out)
+        self._by_id[hello.id] = registration
+        self._by_control[conn] = registration
+        self._by_sender[hello.data_out] = registration
+        self._receivers.add(hello.data_in)
         self.table.upsert(wire.ClientInfo(hello.id, hello.name, hello.net))
         self._needs_snapshot.add(conn)
         return [(conn, self._welcome, None)]
 
-    def expire(self, now: float) -> list[bytes]:
-        """Forget connections silent for longer than ``client_timeout``; return them."""
+    def expire(self, now: float) -> None:
+        """Forget clients whose control connection was silent past ``client_timeout``."""
         limit = now - self.client_timeout
-        dead = [conn for conn, seen in self._last_seen.items() if seen < limit]
-        for conn in dead:
+        for conn in [c for c, seen in self._last_seen.items() if seen < limit]:
             self.connection_lost(conn)
-        return dead
 
     def connection_lost(self, conn: bytes) -> None:
+        """Forget the client on control connection ``conn``."""
         self._last_seen.pop(conn, None)
-        self._instance_of.pop(conn, None)
-        client_id = self._id_of.pop(conn, None)
         self._needs_snapshot.discard(conn)
-        if client_id is not None:
-            del self._conn_of[client_id]
-            self.table.remove(client_id)
+        registration = self._by_control.pop(conn, None)
+        if registration is None:
+            return
+        del self._by_id[registration.client_id]
+        del self._by_sender[registration.data_out]
+        self._receivers.discard(registration.data_in)
+        self.table.remove(registration.client_id)
+        self._forgotten += [conn, registration.data_in, registration.data_out]
+
+    def take_forgotten(self) -> list[bytes]:
+        """Connections of clients forgotten since the last call (the driver drops their queues)."""
+        forgotten, self._forgotten = self._forgotten, []
+        return forgotten
 
     def flush(self) -> list[Output]:
         """Publish coalesced list changes: one delta to each listener, snapshots to newcomers."""
@@ -134,7 +179,7 @@ class ServerCore:
         delta = self.table.take_delta()
         if delta is not None:
             encoded = wire.encode(delta)
-            out += [(c, encoded, None) for c in self._id_of if c not in self._needs_snapshot]
+            out += [(c, encoded, None) for c in self._by_control if c not in self._needs_snapshot]
         if self._needs_snapshot:
             encoded = wire.encode(self.table.snapshot())
             out += [(c, encoded, None) for c in self._needs_snapshot]

@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 
 from . import sockets, wire
+from .sockets import recv_frames
 from .config import ServerConfig, load_server_config
 from .ids import new_server_id
 from .relay import ServerCore
@@ -28,8 +29,11 @@ log = logging.getLogger("zbus.server")
 
 BATCH = 512  # messages handled per wake-up before housekeeping
 POLL_MS = 50  # idle poll; also bounds how long stop() takes
+NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq's IntFlag arithmetic costs more than the send
+NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 RETRY_MS = 1  # poll while messages wait for a full pipe
 SWEEP_S = 0.5  # how often silent clients are expired
+ATTACH_GRACE_S = 2.0  # how long messages wait for a registered client's data connection to (re)appear
 
 
 class Server:
@@ -48,6 +52,8 @@ class Server:
         self._pending: dict[bytes, collections.deque] = {}
         self._pending_count = 0
         self._warned: set[bytes] = set()
+        self._unreachable_since: dict[bytes, float] = {}
+        self.max_frame = self.config.max_frame
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self, timeout: float = 5.0) -> "Server":
@@ -84,6 +90,7 @@ class Server:
         router = sockets.tune(sockets.context().socket(zmq.ROUTER), max_frame=self.config.max_frame)
         try:
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting data connection takes its id back
             router.bind(self.config.listen)
             self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
             self.core = ServerCore(self.id, self.name, self.endpoint, self.config.client_timeout)
@@ -113,43 +120,53 @@ class Server:
                 paused_total += time.monotonic() - poll_started
             now = time.monotonic() - paused_total
             if ready and not paused:
+                on_frames = self._on_frames
                 for _ in range(BATCH):
                     try:
-                        frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        frames = recv_frames(router)
                     except zmq.Again:
                         break
-                    self._on_frames(router, frames, now)
+                    on_frames(router, frames, now)
             if now >= next_sweep:
                 next_sweep = now + SWEEP_S
-                for conn in core.expire(now):
-                    self._lost(conn)
+                core.expire(now)
+            for conn in core.take_forgotten():
+                self._lost(conn)
             for conn, header, payload in core.flush():
-                self._send(router, conn, header, payload)
+                self._send(router, conn, header, payload, now)
             if self._pending_count:
-                self._retry_pending(router)
+                self._retry_pending(router, now)
 
     def _on_frames(self, router: zmq.Socket, frames: list[zmq.Frame], now: float) -> None:
         core = self.core
         conn = frames[0].bytes
-        if wire.oversized(frames, self.config.max_frame):
-            return self._bad(conn, DropReason.OVERSIZED, f"a frame over max_frame={self.config.max_frame}")
+        if wire.oversized(frames, self.max_frame):
+            return self._bad(conn, DropReason.OVERSIZED, f"a frame over max_frame={self.max_frame}")
         if len(frames) < 2:
             return self._bad(conn, DropReason.MALFORMED, "no header frame")
         try:
             header = wire.decode(frames[1].buffer)
         except wire.WireError as exc:
             return self._bad(conn, exc.reason, str(exc))
-        if type(header) is wire.Data:
+        if header.__class__ is wire.Data:
             if len(frames) != 3:
                 return self._bad(conn, DropReason.MALFORMED, "Data without exactly one payload frame")
-            routed = core.relay(conn, header, len(frames[2]), now)
+            routed = core.relay(conn, header, len(frames[2]))
             if routed is not None:
-                self._send(router, routed[0], routed[1], frames[2])
+                if routed[0] in self._pending:
+                    self._send(router, routed[0], routed[1], frames[2], now)
+                else:  # the common case, inlined: nothing waiting for this destination
+                    try:
+                        router.send(routed[0], NOBLOCK_MORE)
+                        router.send(routed[1], NOBLOCK_MORE)
+                        router.send(frames[2], NOBLOCK, copy=False)
+                    except zmq.ZMQError:
+                        self._send(router, routed[0], routed[1], frames[2], now)
             return
         if len(frames) != 2:
             return self._bad(conn, DropReason.MALFORMED, f"{type(header).__name__} with a payload frame")
         for out_conn, out_header, payload in core.receive(conn, header, now):
-            self._send(router, out_conn, out_header, payload)
+            self._send(router, out_conn, out_header, payload, now)
 
     def _bad(self, conn: bytes, reason: DropReason, detail: str) -> None:
         self.core.drop(reason)
@@ -158,14 +175,15 @@ class Server:
             log.warning("dropping frames from connection %s: %s (logged once per connection)", conn.hex(), detail)
 
     def _lost(self, conn: bytes) -> None:
-        """``conn`` went silent and the core forgot it: drop what still waits for it."""
+        """The core forgot the client behind ``conn``: drop what still waits for it."""
         self._warned.discard(conn)
+        self._unreachable_since.pop(conn, None)
         queued = self._pending.pop(conn, None)
         if queued:
             self._pending_count -= len(queued)
             self.core.drop(DropReason.UNROUTABLE, len(queued))
 
-    def _send(self, router: zmq.Socket, conn: bytes, header: bytes, payload: Any) -> None:
+    def _send(self, router: zmq.Socket, conn: bytes, header: bytes, payload: Any, now: float) -> None:
         queued = self._pending.get(conn)
         if queued is not None:  # keep order behind what is already waiting
             queued.append((header, payload))
@@ -173,20 +191,31 @@ class Server:
             return
         try:
             self._send_now(router, conn, header, payload)
+            return
         except zmq.Again:
-            self._pending[conn] = collections.deque([(header, payload)])
-            self._pending_count += 1
+            pass
         except zmq.ZMQError as exc:
             if exc.errno != errno.EHOSTUNREACH:
                 raise
-            self.core.drop(DropReason.UNROUTABLE)
+            if not self.core.is_receiver(conn):
+                self.core.drop(DropReason.UNROUTABLE)
+                return
+            # A registered client whose data connection is still (re)connecting: hold it a while.
+            self._unreachable_since.setdefault(conn, now)
+        self._pending[conn] = collections.deque([(header, payload)])
+        self._pending_count += 1
 
     @staticmethod
     def _send_now(router: zmq.Socket, conn: bytes, header: bytes, payload: Any) -> None:
-        parts = [conn, header] if payload is None else [conn, header, payload]
-        router.send_multipart(parts, zmq.NOBLOCK, copy=False)
+        # Only the first frame can hit the high-water mark; the rest of a message always goes.
+        router.send(conn, NOBLOCK_MORE)
+        if payload is None:
+            router.send(header, NOBLOCK)
+        else:
+            router.send(header, NOBLOCK_MORE)
+            router.send(payload, NOBLOCK, copy=False)
 
-    def _retry_pending(self, router: zmq.Socket) -> None:
+    def _retry_pending(self, router: zmq.Socket, now: float) -> None:
         for conn in list(self._pending):
             queued = self._pending[conn]
             try:
@@ -195,12 +224,17 @@ class Server:
                     self._send_now(router, conn, header, payload)
                     queued.popleft()
                     self._pending_count -= 1
+                    self._unreachable_since.pop(conn, None)
             except zmq.Again:
                 continue
             except zmq.ZMQError as exc:
                 if exc.errno != errno.EHOSTUNREACH:
                     raise
+                since = self._unreachable_since.setdefault(conn, now)
+                if self.core.is_receiver(conn) and now - since < ATTACH_GRACE_S:
+                    continue
                 self._pending_count -= len(queued)
                 self.core.drop(DropReason.UNROUTABLE, len(queued))
                 queued.clear()
+                self._unreachable_since.pop(conn, None)
             del self._pending[conn]

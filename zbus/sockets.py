@@ -36,3 +36,17 @@ def tune(sock: zmq.Socket, *, max_frame: int) -> zmq.Socket:
     sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_frame)
     sock.setsockopt(zmq.LINGER, 0)
     return sock
+
+
+def recv_frames(sock: zmq.Socket, flags: int = zmq.NOBLOCK) -> list[zmq.Frame]:
+    """One multipart message, frame by frame (cheaper in pyzmq than ``recv_multipart``)."""
+    frames = [sock.recv(flags, copy=False)]
+    while frames[-1].more:
+        frames.append(sock.recv(copy=False))
+    return frames
+
+
+def recv_frames_rest(sock: zmq.Socket) -> None:
+    """Read and discard the remaining frames of a message that is being dropped."""
+    while sock.getsockopt(zmq.RCVMORE):
+        sock.recv(copy=False)

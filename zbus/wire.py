@@ -63,16 +63,21 @@ class ClientInfo(_Msg):
 
 
 class Hello(_Msg):
-    """First message on a connection: who the sender is (client -> server registration).
+    """First message on a control connection: who the sender is (client -> server registration).
 
     ``instance`` is random per process: a reconnecting client (same instance) takes its Id over
     from its own stale connection, while another process claiming the Id is refused.
+    ``data_in`` / ``data_out`` are the routing ids (random, secret, 16 bytes) of the client's two
+    data connections to this server: the server relays to ``data_in`` and accepts Data from
+    ``data_out``, stamping the Id registered here as the source.
     """
 
     id: str
     name: str
     net: NetState = NetState()
     instance: str = ""
+    data_in: bytes = b""
+    data_out: bytes = b""
 
 
 class Heartbeat(_Msg):
@@ -183,7 +188,10 @@ def decode(frame: bytes | memoryview) -> Header:
 
 def oversized(frames: list, max_frame: int) -> bool:
     """True if any frame is longer than ``max_frame`` bytes."""
-    return any(len(f) > max_frame for f in frames)
+    for frame in frames:
+        if len(frame) > max_frame:
+            return True
+    return False
 
 
 def status_to_json(reply: StatusReply) -> dict:
