@@ -16,7 +16,10 @@ import collections
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from . import wire
+from .cluster import ClusterView
 from .ids import is_client_id
 from .tables import ClientTable
 from .wire import DropReason
@@ -52,6 +55,8 @@ class ServerCore:
         self._receivers: set[bytes] = set()  # data_in routing ids of registered clients
         self._last_seen: dict[bytes, float] = {}  # control connection -> when it last spoke
         self._needs_snapshot: set[bytes] = set()
+        self.cluster = ClusterView(0, server_id, (wire.ServerStatus(server_id, name, endpoint, "master", True, 0),))
+        self._cluster_changed = False
         self._forgotten: list[bytes] = []
         self.relayed_msgs = 0
         self.relayed_bytes = 0
@@ -173,9 +178,21 @@ class ServerCore:
         forgotten, self._forgotten = self._forgotten, []
         return forgotten
 
+    def set_cluster(self, view: ClusterView) -> None:
+        """The cluster changed (servers, master): every client gets the new server table."""
+        if view.version != self.cluster.version:
+            self.cluster = view
+            self._cluster_changed = True
+
     def flush(self) -> list[Output]:
-        """Publish coalesced list changes: one delta to each listener, snapshots to newcomers."""
+        """Publish coalesced changes: the server table and one list delta to each listener,
+        the server table and a list snapshot to newcomers."""
         out: list[Output] = []
+        if self._cluster_changed or self._needs_snapshot:
+            table = wire.encode(self.cluster.table())
+            targets = self._by_control if self._cluster_changed else self._needs_snapshot
+            out += [(c, table, None) for c in targets]
+            self._cluster_changed = False
         delta = self.table.take_delta()
         if delta is not None:
             encoded = wire.encode(delta)
@@ -191,6 +208,9 @@ class ServerCore:
         return wire.ServerStats(len(self.table), self.relayed_msgs, self.relayed_bytes, dict(self.dropped))
 
     def status(self) -> wire.StatusReply:
-        me = wire.ServerStatus(self.server_id, self.name, self.endpoint, "master", True, len(self.table))
+        servers = [
+            msgspec.structs.replace(s, clients=len(self.table)) if s.id == self.server_id else s
+            for s in self.cluster.servers
+        ]
         clients = [wire.ClientStatus(c.id, c.name, self.server_id) for c in self.table.entries()]
-        return wire.StatusReply(self.server_id, self.server_id, [me], clients, self.stats())
+        return wire.StatusReply(self.server_id, self.cluster.master, servers, clients, self.stats())

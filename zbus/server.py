@@ -20,6 +20,7 @@ import zmq
 
 from . import sockets, wire
 from .sockets import recv_frames
+from .cluster import SoloCluster
 from .config import ServerConfig, load_server_config
 from .ids import new_server_id
 from .relay import ServerCore
@@ -49,6 +50,7 @@ class Server:
         self._error: BaseException | None = None
         self.endpoint = self.config.listen
         self.core: ServerCore | None = None
+        self.cluster: SoloCluster | None = None
         self._pending: dict[bytes, collections.deque] = {}
         self._pending_count = 0
         self._warned: set[bytes] = set()
@@ -94,10 +96,14 @@ class Server:
             router.bind(self.config.listen)
             self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
             self.core = ServerCore(self.id, self.name, self.endpoint, self.config.client_timeout)
+            self.cluster = SoloCluster(self.id, self.name, self.endpoint)
+            self.cluster.start()
             self._bound.set()
             log.info("server %s (%s) listening on %s", self.id, self.name, self.endpoint)
             self._serve(router)
         finally:
+            if self.cluster is not None:
+                self.cluster.stop()
             router.close(linger=0)
 
     # -- the loop ---------------------------------------------------------------------------
@@ -130,8 +136,10 @@ class Server:
             if now >= next_sweep:
                 next_sweep = now + SWEEP_S
                 core.expire(now)
+                self.cluster.report(core.stats())
             for conn in core.take_forgotten():
                 self._lost(conn)
+            core.set_cluster(self.cluster.view())
             for conn, header, payload in core.flush():
                 self._send(router, conn, header, payload, now)
             if self._pending_count:

@@ -139,6 +139,18 @@ class ServerStatus(_Msg):
     clients: int
 
 
+class ServerTable(_Msg):
+    """Server -> client: every server of the cluster (the replicated server table), and the master.
+
+    Sent after Welcome and whenever the table changes; a client connects to servers it did not
+    know and drops servers that left.
+    """
+
+    version: int
+    master: str
+    servers: list[ServerStatus]
+
+
 class ClientStatus(_Msg):
     id: str
     name: str
@@ -161,7 +173,7 @@ class StatusReply(_Msg):
 
 
 Header = Union[
-    Hello, Heartbeat, Bye, Welcome, NetState, ClientDelta, Resync, Data, Error, StatusRequest, StatusReply
+    Hello, Heartbeat, Bye, Welcome, NetState, ServerTable, ClientDelta, Resync, Data, Error, StatusRequest, StatusReply
 ]
 
 _encoder = msgspec.msgpack.Encoder()
