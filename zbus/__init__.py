@@ -6,13 +6,13 @@
         msg = c.recv(timeout=5.0)
 """
 
-from .client import AsyncClient, Client, Message, Peer
+from .client import AsyncClient, Client, ClientStatus, Message, Peer
 from .config import ClientConfig, ServerConfig, load_client_config, load_server_config
 from .errors import ConfigError, Disconnected, IdInUse, ProtocolError, Unreachable, ZbusError
 from .server import Server
 
 __all__ = [
-    "AsyncClient", "Client", "Message", "Peer", "Server",
+    "AsyncClient", "Client", "ClientStatus", "Message", "Peer", "Server",
     "ClientConfig", "ServerConfig", "load_client_config", "load_server_config",
     "ZbusError", "Unreachable", "Disconnected", "ConfigError", "ProtocolError", "IdInUse",
 ]

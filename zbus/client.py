@@ -14,6 +14,7 @@ import os
 import random
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import zmq
@@ -56,6 +57,27 @@ def _token() -> bytes:
     return bytes([token[0] | 1]) + token[1:]  # never a leading zero byte (libzmq reserves those)
 
 
+@dataclass(frozen=True)
+class ServerLink:
+    endpoint: str
+    state: str  # "down" | "hello-sent" | "registered" | "refused"
+    server_id: str | None
+    clients: int  # entries in that server's client list as we hold it
+
+
+@dataclass(frozen=True)
+class ClientStatus:
+    """An immutable snapshot of a client (``client.status()``)."""
+
+    id: str
+    name: str
+    master: str | None
+    servers: tuple[ServerLink, ...]
+    control_msgs: dict[str, int]  # control messages received, by type
+    control_bytes: int
+    dropped: dict[str, int]
+
+
 class _ClientBase:
     """What both clients share: config, Id, engine, data sockets, path choice and lookups."""
 
@@ -83,22 +105,9 @@ class _ClientBase:
         self._headers: dict[str, bytes] = {}
         self._closed = False
         self.dropped: dict[str, int] = {}
-        ctx = sockets.context()
-        self._ctl = ctx.socket(zmq.PAIR)
+        self._ctl = sockets.context().socket(zmq.PAIR)
         self._ctl.connect(self._engine.ctl_endpoint)
-        self._outs: list[zmq.Socket] = []
-        self._ins: list[zmq.Socket] = []
-        for endpoint in self.config.servers:
-            out = sockets.tune(ctx.socket(zmq.DEALER), max_frame=self.config.max_frame)
-            out.setsockopt(zmq.ROUTING_ID, data_out)
-            out.setsockopt(zmq.IMMEDIATE, 1)
-            out.setsockopt(zmq.SNDTIMEO, _SLICE_MS)
-            out.connect(endpoint)
-            inn = sockets.tune(ctx.socket(zmq.DEALER), max_frame=self.config.max_frame)
-            inn.setsockopt(zmq.ROUTING_ID, data_in)
-            inn.connect(endpoint)
-            self._outs.append(out)
-            self._ins.append(inn)
+        self._polled: tuple = ()  # the engine's data sockets our poller was built for
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} name={self.name!r}>"
@@ -113,21 +122,22 @@ class _ClientBase:
             if len(self._headers) >= _HEADER_CACHE_MAX:
                 self._headers.clear()
             header = self._headers[dst] = wire.encode(wire.Data(dst))
-        return self._outs[index], index, header
+        return self._engine.data[index].out, index, header
 
     def _still_routed(self, index: int) -> None:
         """After a send timed out: raise if the server went away, else it is backpressure."""
         if self._closed:
             raise ZbusError(f"{self.id} is closed")
         if index not in self._engine.routes.registered:
-            raise Disconnected(f"lost server {self.config.servers[index]} while sending")
+            raise Disconnected(f"lost server {self._engine.routes.endpoints[index]} while sending")
 
     def _try_recv(self) -> Message | None:
         """A message if one is waiting on any data socket, without blocking.
 
         The hot path of every receive: two frame reads, one header decode, no thread hop.
         """
-        for sock in self._ins:
+        for data in self._engine.data:
+            sock = data.inn
             while True:
                 try:
                     head = sock.recv(_NOBLOCK, copy=False)
@@ -159,6 +169,18 @@ class _ClientBase:
         self.dropped[reason.value] = self.dropped.get(reason.value, 0) + 1
 
     # -- lookups ----------------------------------------------------------------------------
+    def _status(self) -> ClientStatus:
+        engine = self._engine
+        links = tuple(
+            ServerLink(s.endpoint, s.state.value, s.server_id, len(s.peers.entries))
+            for s in list(engine.core.sessions)
+        )
+        dropped = {**engine.dropped}
+        for reason, count in self.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + count
+        return ClientStatus(self.id, self.name, engine.core.master, links, dict(engine.control_msgs),
+                            engine.control_bytes, dropped)
+
     def _peers(self) -> dict[str, Peer]:
         routes = self._engine.routes
         return {
@@ -195,15 +217,22 @@ class _ClientBase:
 
     def _close_sockets(self) -> None:
         """Say Bye in-band (behind the last data) and close; data_out lingers to deliver it."""
-        for index, out in enumerate(self._outs):
+        for index, data in enumerate(self._engine.data):
             if index in self._engine.routes.registered:
                 try:
-                    out.send(_BYE, zmq.NOBLOCK)
+                    data.out.send(_BYE, zmq.NOBLOCK)
                 except zmq.Again:
                     pass
-            out.close(linger=_CLOSE_LINGER_MS)
-        for sock in (*self._ins, self._ctl):
-            sock.close(linger=0)
+            data.out.close(linger=_CLOSE_LINGER_MS)
+            data.inn.close(linger=0)
+        self._ctl.close(linger=0)
+
+    def _poll_set_changed(self) -> bool:
+        """True once after the engine opened data sockets to a newly learnt server."""
+        if self._polled is self._engine.data:
+            return False
+        self._polled = self._engine.data
+        return True
 
 
 class Client(_ClientBase):
@@ -219,8 +248,6 @@ class Client(_ClientBase):
         self._tx_lock = threading.Lock()
         self._rx_lock = threading.Lock()
         self._poller = zmq.Poller()
-        for sock in self._ins:
-            self._poller.register(sock, zmq.POLLIN)
         self._engine.start()
         self._engine.wait_for(self._settled, self.config.connect_timeout)
         try:
@@ -258,6 +285,10 @@ class Client(_ClientBase):
                 message = self._try_recv()
                 if message is not None:
                     return message
+                if self._poll_set_changed():
+                    self._poller = zmq.Poller()
+                    for data in self._polled:
+                        self._poller.register(data.inn, zmq.POLLIN)
                 left_ms = _SLICE_MS if deadline is None else int(max(0.0, deadline - time.monotonic()) * 1000)
                 if not self._poller.poll(min(left_ms, _SLICE_MS)) and deadline is not None \
                         and time.monotonic() >= deadline:
@@ -265,6 +296,9 @@ class Client(_ClientBase):
 
     def peers(self) -> dict[str, Peer]:
         return self._peers()
+
+    def status(self) -> ClientStatus:
+        return self._status()
 
     def resolve(self, name: str) -> str:
         """The Id of the client called ``name`` (an Id is returned as is if known)."""
@@ -311,9 +345,6 @@ class AsyncClient(_ClientBase):
     def __init__(self, servers: list[str] | None = None, name: str | None = None, **kwargs: Any) -> None:
         super().__init__(servers, name, **kwargs)
         self._poller = zmq.asyncio.Poller()
-        for sock in self._ins:
-            self._poller.register(zmq.asyncio.Socket.shadow(sock.underlying), zmq.POLLIN)
-        self._out_waiters = [zmq.asyncio.Socket.shadow(s.underlying) for s in self._outs]
         self._tx_lock = asyncio.Lock()
 
     async def start(self) -> "AsyncClient":
@@ -336,7 +367,7 @@ class AsyncClient(_ClientBase):
                     break
                 except zmq.Again:
                     self._still_routed(index)
-                await self._out_waiters[index].poll(_SLICE_MS, zmq.POLLOUT)
+                await zmq.asyncio.Socket.shadow(sock.underlying).poll(_SLICE_MS, zmq.POLLOUT)
             sock.send(data, 0, copy=False)
 
     async def recv(self, timeout: float | None = None) -> Message:
@@ -347,6 +378,10 @@ class AsyncClient(_ClientBase):
             message = self._try_recv()
             if message is not None:
                 return message
+            if self._poll_set_changed():
+                self._poller = zmq.asyncio.Poller()
+                for data in self._polled:
+                    self._poller.register(zmq.asyncio.Socket.shadow(data.inn.underlying), zmq.POLLIN)
             left_ms = _SLICE_MS if deadline is None else int(max(0.0, deadline - time.monotonic()) * 1000)
             if not await self._poller.poll(min(left_ms, _SLICE_MS)) and deadline is not None \
                     and time.monotonic() >= deadline:
@@ -354,6 +389,9 @@ class AsyncClient(_ClientBase):
 
     async def peers(self) -> dict[str, Peer]:
         return self._peers()
+
+    async def status(self) -> ClientStatus:
+        return self._status()
 
     async def resolve(self, name: str) -> str:
         return self._resolve(name)

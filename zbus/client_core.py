@@ -42,6 +42,15 @@ class ServerSession:
 
 
 Output = tuple[int, bytes]
+_WILDCARD_HOSTS = ("0.0.0.0", "*", "[::]")
+
+
+def reachable_endpoint(announced: str, via: str) -> str:
+    """A server announced as bound to all interfaces is reached at the host we reached its peer by."""
+    host, _, port = announced.removeprefix("tcp://").rpartition(":")
+    if host in _WILDCARD_HOSTS:
+        host = via.removeprefix("tcp://").rpartition(":")[0]
+    return f"tcp://{host}:{port}"
 
 
 class ClientCore:
@@ -57,8 +66,17 @@ class ClientCore:
         self.name = name
         self.net = net
         self.sessions = [ServerSession(i, ep) for i, ep in enumerate(endpoints)]
+        self.master: str | None = None
+        self._added: list[int] = []  # sessions learnt from server tables, not yet opened by the engine
         self._routes = Routes(endpoints=tuple(endpoints))
         self._dirty = False
+        # Working maps behind the published Routes, kept up to date incrementally: a delta of k
+        # entries costs O(k) here plus C-level dict copies, not a Python pass over every peer.
+        self._full = False
+        self._changed_ids: set[str] = set()
+        self._holders: dict[str, tuple[int, ...]] = {}
+        self._clients: dict[str, wire.ClientInfo] = {}
+        self._names: dict[str, tuple[str, ...]] = {}
 
     # -- events -----------------------------------------------------------------------------
     def transport_up(self, index: int, now: float) -> list[Output]:
@@ -75,7 +93,7 @@ class ClientCore:
         session.next_hello = None
         session.next_heartbeat = None
         session.peers.clear()
-        self._dirty = True
+        self._dirty = self._full = True
 
     def receive(self, index: int, header: wire.Header, now: float) -> list[Output]:
         session = self.sessions[index]
@@ -85,7 +103,16 @@ class ClientCore:
             result = session.peers.apply(header)
             if result is Applied.GAP:
                 return [(index, wire.encode(wire.Resync()))]
-            self._dirty = self._dirty or result is Applied.APPLIED
+            if result is Applied.APPLIED:
+                self._dirty = True
+                if header.full:
+                    self._full = True
+                else:
+                    self._changed_ids.update(info.id for info in header.upsert)
+                    self._changed_ids.update(header.removed)
+            return []
+        if isinstance(header, wire.ServerTable):
+            self._learn_servers(session, header)
             return []
         if isinstance(header, wire.Welcome):
             session.state = SessionState.REGISTERED
@@ -95,22 +122,39 @@ class ClientCore:
             session.next_heartbeat = now + HEARTBEAT
             session.refusal = None
             session.peers.clear()
-            self._dirty = True
+            self._dirty = self._full = True
             return []
         if isinstance(header, wire.Error):
             if header.code == "not-registered" and session.state is SessionState.REGISTERED:
                 session.state = SessionState.HELLO_SENT
                 session.next_heartbeat = None
                 session.peers.clear()
-                self._dirty = True
+                self._dirty = self._full = True
                 return self._hello(session, now)
             if header.code in ("id-in-use", "bad-id"):
                 session.state = SessionState.REFUSED
                 session.refusal = header
                 session.next_hello = now + 1.0  # the old holder may be a dead connection: retry
-                self._dirty = True
+                self._dirty = self._full = True
             return []
         return []
+
+    def _learn_servers(self, session: ServerSession, table: wire.ServerTable) -> None:
+        self.master = table.master
+        known = {s.endpoint for s in self.sessions}
+        connected = {s.server_id for s in self.sessions}
+        for server in table.servers:
+            endpoint = reachable_endpoint(server.endpoint, session.endpoint)
+            if endpoint not in known and server.id not in connected:
+                known.add(endpoint)
+                self.sessions.append(ServerSession(len(self.sessions), endpoint))
+                self._added.append(len(self.sessions) - 1)
+                self._dirty = self._full = True
+
+    def take_added(self) -> list[int]:
+        """Indexes of servers learnt since the last call: the engine connects to them."""
+        added, self._added = self._added, []
+        return added
 
     def tick(self, now: float) -> list[Output]:
         out: list[Output] = []
@@ -146,29 +190,44 @@ class ClientCore:
         return self._dirty
 
     def _build_routes(self) -> Routes:
-        holders: dict[str, list[int]] = {}
-        clients: dict[str, wire.ClientInfo] = {}
-        registered = []
-        for session in self.sessions:
-            if not session.synced:
-                continue
-            registered.append(session.index)
-            for client_id, info in session.peers.entries.items():
-                if client_id == self.client_id:
-                    continue
-                holders.setdefault(client_id, []).append(session.index)
-                clients[client_id] = info
-        names: dict[str, list[str]] = {}
-        for client_id, info in clients.items():
-            if info.name:
-                names.setdefault(info.name, []).append(client_id)
+        if self._full:
+            self._full = False
+            self._changed_ids.clear()
+            self._holders, self._clients, self._names = {}, {}, {}
+            for session in self.sessions:
+                if session.synced:
+                    self._changed_ids.update(session.peers.entries)
+        for client_id in self._changed_ids:
+            self._recompute(client_id)
+        self._changed_ids.clear()
         return Routes(
-            registered=tuple(registered),
-            holders=MappingProxyType({k: tuple(v) for k, v in holders.items()}),
-            clients=MappingProxyType(clients),
-            names=MappingProxyType({k: tuple(sorted(v)) for k, v in names.items()}),
-            endpoints=self._routes.endpoints,
+            registered=tuple(s.index for s in self.sessions if s.synced),
+            holders=MappingProxyType(dict(self._holders)),
+            clients=MappingProxyType(dict(self._clients)),
+            names=MappingProxyType(dict(self._names)),
+            endpoints=tuple(s.endpoint for s in self.sessions),
             refusals=tuple(
                 f"{s.endpoint}: {s.refusal.message}" for s in self.sessions if s.refusal is not None
             ),
         )
+
+    def _recompute(self, client_id: str) -> None:
+        """Bring the working maps up to date for one client Id."""
+        old = self._clients.pop(client_id, None)
+        self._holders.pop(client_id, None)
+        if old is not None and old.name:
+            remaining = tuple(i for i in self._names.get(old.name, ()) if i != client_id)
+            if remaining:
+                self._names[old.name] = remaining
+            else:
+                self._names.pop(old.name, None)
+        if client_id == self.client_id:
+            return
+        holders = tuple(s.index for s in self.sessions if s.synced and client_id in s.peers.entries)
+        if not holders:
+            return
+        info = self.sessions[holders[0]].peers.entries[client_id]
+        self._holders[client_id] = holders
+        self._clients[client_id] = info
+        if info.name:
+            self._names[info.name] = tuple(sorted({*self._names.get(info.name, ()), client_id}))

@@ -56,6 +56,13 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_frame: int = DEFAULT_MAX_FRAME
     max_pending: int = 10_000  # relayed messages held for slow receivers before intake pauses
     client_timeout: float = 3.0  # seconds of silence after which a client is dropped from the list
+    # The cluster (docs/cluster.md): the Raft mesh's own endpoint, "" = the data port + 1 on the same host.
+    cluster_listen: str = ""
+    dead_after: float = 30.0  # seconds unreachable before the quorum leader removes a server from the table
+    peer_timeout: float = 1.5  # seconds without a word from a peer before it stops counting as live
+    raft_tick: float = 0.05  # seconds per Raft tick
+    raft_heartbeat_ticks: int = 2  # leader heartbeat every 2 ticks (100 ms)
+    raft_election_ticks: int = 6  # election timeout drawn in [6, 12) ticks (300-600 ms)
 
 
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True):

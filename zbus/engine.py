@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -28,26 +28,52 @@ from .wire import DropReason
 log = logging.getLogger("zbus.client")
 
 BATCH = 256
+SEND_SLICE_MS = 200  # a blocked send wakes this often to notice a lost server or close()
 MAX_IDLE_MS = 1000
 
 _MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+
+
+class DataSockets(NamedTuple):
+    """A client's two data connections to one server. Created here, used only by user threads."""
+
+    out: zmq.Socket  # client -> server Data (routing id = data_out)
+    inn: zmq.Socket  # server -> client Data (routing id = data_in)
 
 
 class Engine:
     def __init__(self, client_id: str, config: ClientConfig, data_in: bytes, data_out: bytes) -> None:
         self.client_id = client_id
         self.config = config
+        self._data_ids = (data_in, data_out)
+        # One entry per server session, same index; replaced (never mutated) when a server is learnt.
+        self.data: tuple[DataSockets, ...] = tuple(self._open_data(ep) for ep in config.servers)
         net = wire.NetState(private=netinfo.private_addresses())
         self.core = ClientCore(client_id, config.name, net, list(config.servers), uuid.uuid4().hex,
                                data_in, data_out)
         self.routes: Routes = self.core.routes()
         self.changed = threading.Condition()
         self.dropped: dict[str, int] = {}
+        self.control_msgs: dict[str, int] = {}  # received, by message type (read by status())
+        self.control_bytes = 0
         self.ctl_endpoint = f"inproc://zbus-ctl-{uuid.uuid4().hex}"
         self._ctl = sockets.context().socket(zmq.PAIR)
         self._ctl.bind(self.ctl_endpoint)  # bound here so the user side can connect before start()
         self._thread = threading.Thread(target=self._run, name=f"zbus-engine-{client_id[:10]}", daemon=True)
         self._started = False
+
+    def _open_data(self, endpoint: str) -> DataSockets:
+        ctx = sockets.context()
+        data_in, data_out = self._data_ids
+        out = sockets.tune(ctx.socket(zmq.DEALER), max_frame=self.config.max_frame)
+        out.setsockopt(zmq.ROUTING_ID, data_out)
+        out.setsockopt(zmq.IMMEDIATE, 1)
+        out.setsockopt(zmq.SNDTIMEO, SEND_SLICE_MS)
+        out.connect(endpoint)
+        inn = sockets.tune(ctx.socket(zmq.DEALER), max_frame=self.config.max_frame)
+        inn.setsockopt(zmq.ROUTING_ID, data_in)
+        inn.connect(endpoint)
+        return DataSockets(out, inn)
 
     def start(self) -> None:
         self._started = True
@@ -82,11 +108,7 @@ class Engine:
         monitors: list[zmq.Socket] = []
         try:
             for endpoint in self.config.servers:
-                dealer = sockets.tune(ctx.socket(zmq.DEALER), max_frame=self.config.max_frame)
-                dealer.setsockopt(zmq.IMMEDIATE, 1)
-                monitors.append(dealer.get_monitor_socket(_MONITOR_EVENTS))
-                dealer.connect(endpoint)
-                dealers.append(dealer)
+                self._open_control(endpoint, dealers, monitors)
             self._loop(dealers, monitors)
         except Exception:
             log.exception("client engine %s failed", self.client_id)
@@ -99,6 +121,26 @@ class Engine:
             with self.changed:
                 self.routes = Routes(endpoints=self.routes.endpoints)
                 self.changed.notify_all()
+
+    def _open_control(self, endpoint: str, dealers: list[zmq.Socket], monitors: list[zmq.Socket]) -> None:
+        dealer = sockets.tune(sockets.context().socket(zmq.DEALER), max_frame=self.config.max_frame)
+        dealer.setsockopt(zmq.IMMEDIATE, 1)
+        monitors.append(dealer.get_monitor_socket(_MONITOR_EVENTS))
+        dealer.connect(endpoint)
+        dealers.append(dealer)
+
+    def _connect_learnt(self, poller: zmq.Poller, dealers: list[zmq.Socket], monitors: list[zmq.Socket]) -> None:
+        """Connect to servers the server tables told us about (data sockets first)."""
+        added = self.core.take_added()
+        if not added:
+            return
+        endpoints = [self.core.sessions[index].endpoint for index in added]
+        self.data = self.data + tuple(self._open_data(ep) for ep in endpoints)
+        for endpoint in endpoints:
+            self._open_control(endpoint, dealers, monitors)
+            poller.register(dealers[-1], zmq.POLLIN)
+            poller.register(monitors[-1], zmq.POLLIN)
+        log.info("client %s learnt servers %s", self.client_id, ", ".join(endpoints))
 
     def _loop(self, dealers: list[zmq.Socket], monitors: list[zmq.Socket]) -> None:
         core = self.core
@@ -119,6 +161,7 @@ class Engine:
             for index, dealer in enumerate(dealers):
                 if dealer in events:
                     self._drain_server(dealers, index, now)
+            self._connect_learnt(poller, dealers, monitors)
             for index, header in core.tick(now):
                 self._send_control(dealers[index], header)
             self._publish()
@@ -150,6 +193,9 @@ class Engine:
             except wire.WireError as exc:
                 self._drop(exc.reason)
                 continue
+            kind = header.__class__.__name__
+            self.control_msgs[kind] = self.control_msgs.get(kind, 0) + 1
+            self.control_bytes += len(frames[0])
             for i, out in self.core.receive(index, header, now):
                 self._send_control(dealers[i], out)
 

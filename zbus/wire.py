@@ -20,6 +20,18 @@ from typing import Union
 
 import msgspec
 
+from .raft.messages import (
+    RaftAppend,
+    RaftAppendResp,
+    RaftHeartbeat,
+    RaftHeartbeatResp,
+    RaftPreVote,
+    RaftPreVoteResp,
+    RaftTimeoutNow,
+    RaftVote,
+    RaftVoteResp,
+)
+
 WIRE_VERSION = 1
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 _VERSION_BYTE = bytes([WIRE_VERSION])
@@ -172,8 +184,76 @@ class StatusReply(_Msg):
     stats: ServerStats
 
 
+# -- the cluster mesh (server <-> server, on each server's cluster endpoint; see docs/cluster.md) ----------
+
+
+class ClusterServer(_Msg):
+    """One server as the cluster knows it: a row of the replicated server table."""
+
+    id: str
+    name: str
+    instance: str  # random per process: a restart with a pinned Id is a new instance
+    data_endpoint: str  # the ROUTER clients and users know
+    cluster_endpoint: str  # the ROUTER of the Raft mesh
+    started_at: float  # the server's wall clock at start (seconds since the epoch): "started earlier" wins with 2
+    net: NetState = NetState()
+
+
+class ClusterHello(_Msg):
+    """First message on every cluster connection (and again after each reconnect): who is speaking.
+
+    The receiver binds the connection to ``server.id``; every later message on it must name that Id
+    in ``frm``. Wildcard hosts in the endpoints are replaced by the address the connection came from.
+    """
+
+    server: ClusterServer
+
+
+class ClusterWho(_Msg):
+    """Receiver -> sender on a connection that never said ClusterHello: say it (again)."""
+
+
+class PeerStatus(_Msg):
+    """Every server -> every peer, a few times a second: liveness, cluster membership, figures."""
+
+    frm: str
+    cluster_id: str  # "" while the sender belongs to no cluster yet
+    voters: int  # how many voters the sender's Raft membership has
+    leader: str  # the Raft leader the sender follows, "" if none
+    master: str  # the Master in the sender's view, "" if unknown
+    stats: ServerStats = ServerStats()
+
+
+class MasterQuery(_Msg):
+    """A bootstrapping server -> a peer: who is your Master?"""
+
+    frm: str
+
+
+class MasterReply(_Msg):
+    frm: str
+    cluster_id: str
+    master: str  # "" if the sender knows none right now (ask again)
+    master_endpoint: str  # the Master's cluster endpoint
+
+
+class ServerListQuery(_Msg):
+    """A bootstrapping server -> the Master: every server of your cluster, please."""
+
+    frm: str
+
+
+class ServerList(_Msg):
+    frm: str
+    cluster_id: str
+    servers: list[ClusterServer]
+
+
 Header = Union[
-    Hello, Heartbeat, Bye, Welcome, NetState, ServerTable, ClientDelta, Resync, Data, Error, StatusRequest, StatusReply
+    Hello, Heartbeat, Bye, Welcome, NetState, ServerTable, ClientDelta, Resync, Data, Error, StatusRequest, StatusReply,
+    ClusterHello, ClusterWho, PeerStatus, MasterQuery, MasterReply, ServerListQuery, ServerList,
+    RaftPreVote, RaftPreVoteResp, RaftVote, RaftVoteResp, RaftAppend, RaftAppendResp, RaftHeartbeat,
+    RaftHeartbeatResp, RaftTimeoutNow,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

@@ -7,7 +7,10 @@ role modules (`raw`, `nats_roles`, `zbus_roles`, whose functions run in spawned 
 - every role function is `role(ctl: Control, job: Job) -> None`; it reports through `ctl`:
   `ctl.ready(info)` once connected, `ctl.wait_go()` (senders and pingers only), then
   `ctl.report(...)` with one of the report types below, then `ctl.wait_stop()` before closing sockets
-  so that nothing still queued is thrown away.
+  so that nothing still queued is thrown away;
+- receiving roles (throughput receiver, RTT echo) receive with short timeouts (`IDLE_POLL_S`) and ask
+  a `QuietTimer` after each timeout whether they are done: the harness tells them when their peer has
+  reported, so a sender that stopped at its time cap does not cost an idle timeout.
 
 Run it with `python benchmarks/run.py --help` (or `python -m zbus.bench`).
 """
@@ -22,10 +25,12 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
-    from zbus.bench.harness import Launcher
+    from zbus.bench.processes import Launcher
 
 #: First message of a handshake; it proves the path works both ways before timing starts.
 HELLO = b"zbus-bench-hello"
+#: Receive timeout of receiving roles: how often, when nothing arrives, they ask their QuietTimer.
+IDLE_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,7 @@ class Control:
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
+        self._peer_total: int | None = None
 
     def ready(self, info: str = "") -> None:
         self._conn.send(("ready", info))
@@ -123,13 +129,54 @@ class Control:
         if kind != "go":
             raise Aborted(f"harness said {kind!r} instead of go")
 
+    def peer_total(self) -> int | None:
+        """None while the peer role still runs; once it has reported, how many messages this role
+        should have in all (a throughput sender's `sent`; 0 for an echo, whose pinger has every answer
+        it waited for). Does not block. Raises Aborted if the harness said stop or went away."""
+        if self._peer_total is None:
+            try:
+                if self._conn.poll(0):
+                    kind, *value = self._conn.recv()
+                    if kind != "peer_done":
+                        raise Aborted(f"harness said {kind!r} while this role was receiving")
+                    self._peer_total = value[0]
+            except (EOFError, OSError):
+                raise Aborted("the harness went away") from None
+        return self._peer_total
+
     def wait_stop(self, timeout_s: float = 60.0) -> None:
         """Wait until the harness says stop (or goes away); then the role may close its sockets."""
+        deadline = time.monotonic() + timeout_s
         try:
-            if self._conn.poll(timeout_s):
-                self._conn.recv()
+            while self._conn.poll(max(0.0, deadline - time.monotonic())):
+                if self._conn.recv()[0] == "stop":
+                    return
         except (EOFError, OSError):
             pass
+
+
+class QuietTimer:
+    """Asked by a receiving role each time a receive timed out: is this role done receiving?
+
+    Done once the peer has reported and `count` (messages received or echoed so far) reached what it
+    sent, or when `count` has not moved for `idle_timeout_s` (messages were lost; the report shows it).
+    """
+
+    def __init__(self, ctl: Control, idle_timeout_s: float) -> None:
+        self._ctl = ctl
+        self._idle_timeout_s = idle_timeout_s
+        self._count = -1
+        self._since = 0.0
+
+    def done(self, count: int) -> bool:
+        total = self._ctl.peer_total()
+        if total is not None and count >= total:
+            return True
+        now = time.monotonic()
+        if count != self._count:
+            self._count, self._since = count, now
+            return False
+        return now - self._since >= self._idle_timeout_s
 
 
 def free_tcp_port() -> int:

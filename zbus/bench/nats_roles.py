@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import time
+from typing import Callable
 
 import nats
 
@@ -58,10 +59,15 @@ async def _connect(job: Job, errors: list[str]) -> nats.NATS:
                               connect_timeout=job.first_timeout_s, error_cb=on_error)
 
 
-async def _wait_until(done: asyncio.Event, job: Job, last_ns: list[int], started: float) -> None:
-    """Wait for `done`, or first_timeout_s without a first message, or idle/time cap after it."""
+async def _wait_until(done: asyncio.Event, job: Job, last_ns: list[int], started: float, ctl: Control,
+                      count: Callable[[], int]) -> None:
+    """Wait for `done`, or until the peer has reported and `count()` reached what it sent, or
+    first_timeout_s without a first message, or idle/time cap after it."""
     while not done.is_set():
         await asyncio.sleep(_POLL_S)
+        total = ctl.peer_total()
+        if total is not None and count() >= total:
+            return
         now = time.perf_counter_ns()
         if last_ns[0] == 0:
             if time.monotonic() - started > job.first_timeout_s:
@@ -96,7 +102,7 @@ async def _throughput_receiver(ctl: Control, job: Job) -> None:
     await nc.subscribe(subject, cb=on_message, pending_bytes_limit=max(256 << 20, 4 * job.size))
     await nc.flush()
     ctl.ready(subject)
-    await _wait_until(done, job, times, time.monotonic())
+    await _wait_until(done, job, times, time.monotonic(), ctl, lambda: received)
     ctl.report(ReceiveReport(received, times[1], times[0], tuple(errors)))
     await nc.close()
 
@@ -149,7 +155,7 @@ async def _rtt_echo(ctl: Control, job: Job) -> None:
     await nc.subscribe(subject, cb=on_request)
     await nc.flush()
     ctl.ready(subject)
-    await _wait_until(done, job, times, time.monotonic())
+    await _wait_until(done, job, times, time.monotonic(), ctl, lambda: echoed)
     await nc.flush()
     ctl.report(EchoReport(echoed))
     await asyncio.to_thread(ctl.wait_stop)

@@ -17,11 +17,13 @@ import zmq
 
 from zbus.bench import (
     HELLO,
+    IDLE_POLL_S,
     Case,
     Control,
     EchoReport,
     Job,
     PingReport,
+    QuietTimer,
     ReceiveReport,
     SendReport,
 )
@@ -52,9 +54,10 @@ def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
-def _count_messages(sock: zmq.Socket, job: Job) -> ReceiveReport:
-    """Receive [peer identity, payload] messages until job.count, an idle timeout or the time cap;
-    time first..last. The first message may take first_timeout_s (the sender waits for go).
+def _count_messages(sock: zmq.Socket, job: Job, ctl: Control) -> ReceiveReport:
+    """Receive [peer identity, payload] messages until job.count, everything the sender sent (once it
+    has reported), an idle timeout or the time cap; time first..last. The first message may take
+    first_timeout_s (the sender waits for go).
 
     Both frames are read with plain recv(): the framing is known (our own senders), and
     recv_multipart() asks getsockopt(RCVMORE) in Python after each frame, which at 64 B made the
@@ -73,19 +76,22 @@ def _count_messages(sock: zmq.Socket, job: Job) -> ReceiveReport:
     except zmq.Again:
         return ReceiveReport(0, 0, 0, ("no message arrived",))
     first = last = clock()
-    sock.RCVTIMEO = _ms(job.idle_timeout_s)
+    sock.RCVTIMEO = _ms(IDLE_POLL_S)
+    quiet = QuietTimer(ctl, job.idle_timeout_s)
     received = 1
     stop_at = first + int((job.time_cap_s + 5.0) * 1e9)
     count = job.count
-    try:
-        while received < count:
-            recv()
-            last = clock()
-            received += 1
-            if not received % _CHECK_EVERY and last > stop_at:
+    while received < count:
+        try:
+            while received < count:
+                recv()
+                last = clock()
+                received += 1
+                if not received % _CHECK_EVERY and last > stop_at:
+                    return ReceiveReport(received, first, last)
+        except zmq.Again:
+            if quiet.done(received):
                 break
-    except zmq.Again:
-        pass
     return ReceiveReport(received, first, last)
 
 
@@ -123,20 +129,26 @@ def _ping_loop(sock: zmq.Socket, frames: list, job: Job) -> PingReport:
     return PingReport(samples)
 
 
-def _echo_loop(sock: zmq.Socket, job: Job, expected: int) -> int:
-    """Echo every multipart message back as is, `expected` times or until idle."""
-    echoed = 0
+def _echo_loop(sock: zmq.Socket, job: Job, expected: int, ctl: Control) -> int:
+    """Echo every multipart message back as is, `expected` times, until the pinger has reported, or
+    until idle."""
     send, recv = sock.send_multipart, sock.recv_multipart
     copy = _copy_on_recv(job.size)
     try:
         send(recv(copy=copy), copy=False)  # the first may wait first_timeout_s
-        echoed = 1
-        sock.RCVTIMEO = _ms(job.idle_timeout_s)
-        while echoed < expected:
-            send(recv(copy=copy), copy=False)
-            echoed += 1
     except zmq.Again:
-        pass
+        return 0
+    echoed = 1
+    sock.RCVTIMEO = _ms(IDLE_POLL_S)
+    quiet = QuietTimer(ctl, job.idle_timeout_s)
+    while echoed < expected:
+        try:
+            while echoed < expected:
+                send(recv(copy=copy), copy=False)
+                echoed += 1
+        except zmq.Again:
+            if quiet.done(echoed):
+                break
     return echoed
 
 
@@ -149,7 +161,7 @@ def dr_throughput_receiver(ctl: Control, job: Job) -> None:
         ctl.ready(f"tcp://127.0.0.1:{port}")
         sender_id, _ = sock.recv_multipart()  # the sender's hello
         sock.send_multipart([sender_id, HELLO])
-        report = _count_messages(sock, job)
+        report = _count_messages(sock, job, ctl)
         ctl.report(report)
 
 
@@ -171,7 +183,7 @@ def dr_rtt_echo(ctl: Control, job: Job) -> None:
         port = sock.bind_to_random_port("tcp://127.0.0.1")
         sock.RCVTIMEO = _ms(job.first_timeout_s)
         ctl.ready(f"tcp://127.0.0.1:{port}")
-        ctl.report(EchoReport(_echo_loop(sock, job, 1 + job.warmup + job.count)))
+        ctl.report(EchoReport(_echo_loop(sock, job, 1 + job.warmup + job.count, ctl)))
         ctl.wait_stop()
 
 
@@ -283,7 +295,7 @@ def relay_throughput_receiver(ctl: Control, job: Job) -> None:
         ctl.ready(identity.decode())
         sender_id, _ = sock.recv_multipart()  # the sender's hello
         sock.send_multipart([sender_id, HELLO])
-        ctl.report(_count_messages(sock, job))
+        ctl.report(_count_messages(sock, job, ctl))
 
 
 def relay_throughput_sender(ctl: Control, job: Job) -> None:
@@ -306,7 +318,7 @@ def relay_rtt_echo(ctl: Control, job: Job) -> None:
         ctl.ready(identity.decode())
         # A DEALER receives [src, payload] and sends [dst, payload]: echoing the frames as they are
         # sends the payload back to its source.
-        ctl.report(EchoReport(_echo_loop(sock, job, 1 + job.warmup + job.count)))
+        ctl.report(EchoReport(_echo_loop(sock, job, 1 + job.warmup + job.count, ctl)))
         ctl.wait_stop()
 
 

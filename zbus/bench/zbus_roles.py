@@ -15,11 +15,13 @@ import zbus
 
 from zbus.bench import (
     HELLO,
+    IDLE_POLL_S,
     Case,
     Control,
     EchoReport,
     Job,
     PingReport,
+    QuietTimer,
     ReceiveReport,
     SendReport,
     free_tcp_port,
@@ -76,17 +78,19 @@ def throughput_receiver(ctl: Control, job: Job) -> None:
             return
         first = last = clock()
         vias.add(message.via)
-        received, idle = 1, job.idle_timeout_s
+        received, count, quiet = 1, job.count, QuietTimer(ctl, job.idle_timeout_s)
         stop_at = first + int((job.time_cap_s + 5.0) * 1e9)
-        try:
-            while received < job.count:
-                recv(timeout=idle)
-                last = clock()
-                received += 1
-                if not received % _CHECK_EVERY and last > stop_at:
+        while received < count and last <= stop_at:
+            try:
+                while received < count:
+                    recv(timeout=IDLE_POLL_S)
+                    last = clock()
+                    received += 1
+                    if not received % _CHECK_EVERY and last > stop_at:
+                        break
+            except TimeoutError:
+                if quiet.done(received):
                     break
-        except TimeoutError:
-            pass
         notes = () if vias == {"relay"} else (f"first message via {', '.join(sorted(vias))}",)
         ctl.report(ReceiveReport(received, first, last, notes))
 
@@ -112,15 +116,21 @@ def rtt_echo(ctl: Control, job: Job) -> None:
     with _client(job, "echo") as client:
         ctl.ready(_name("echo"))
         peer = _answer_hello(client, job)
-        echoed, timeout = 0, job.first_timeout_s
+        recv, send = client.recv, client.send
+        expected, echoed, quiet = job.warmup + job.count, 0, QuietTimer(ctl, job.idle_timeout_s)
         try:
-            while echoed < job.warmup + job.count:
-                message = client.recv(timeout=timeout)
-                client.send(peer, message.data)
-                echoed += 1
-                timeout = job.idle_timeout_s
+            send(peer, recv(timeout=job.first_timeout_s).data)  # the first may wait for go
+            echoed = 1
         except TimeoutError:
-            pass
+            expected = 0
+        while echoed < expected:
+            try:
+                while echoed < expected:
+                    send(peer, recv(timeout=IDLE_POLL_S).data)
+                    echoed += 1
+            except TimeoutError:
+                if quiet.done(echoed):
+                    break
         ctl.report(EchoReport(echoed))
         ctl.wait_stop()
 

@@ -1,0 +1,55 @@
+"""A test helper process: N zbus clients on one server, driven by lines on stdin.
+
+    python -m tests.integration.fanin_worker ENDPOINT PREFIX COUNT
+
+prints ``joined <monotonic>`` once its clients are registered; on ``wait TOTAL`` prints
+``converged <monotonic>`` when every client's lists hold TOTAL - 1 peers (or ``timeout``); on
+``counts`` prints ``counts <deltas> <control bytes>`` summed over its clients; on ``quit`` closes
+all and exits. Bounded: every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import zbus
+
+WAIT_LIMIT_S = 40.0
+JOINERS = 8
+
+
+def main() -> None:
+    endpoint, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    clients: list[zbus.Client] = []
+    try:
+        with ThreadPoolExecutor(JOINERS) as pool:  # joins overlap, as they would in a real fleet
+            for client in pool.map(lambda i: zbus.Client(servers=[endpoint], name=f"{prefix}-{i}",
+                                                           connect_timeout=10.0), range(count)):
+                clients.append(client)
+        print(f"joined {time.monotonic()}", flush=True)
+        for line in sys.stdin:
+            command, *args = line.split()
+            if command == "wait":
+                total = int(args[0])
+                deadline = time.monotonic() + WAIT_LIMIT_S
+                pending = list(clients)
+                while pending and time.monotonic() < deadline:
+                    pending = [c for c in pending if len(c.peers()) < total - 1]
+                    if pending:
+                        pending[0].wait_peer("never-such-name", timeout=0.02)  # sleeps on the engine's condition
+                print(f"converged {time.monotonic()}" if not pending else f"timeout {len(pending)}", flush=True)
+            elif command == "counts":
+                statuses = [c.status() for c in clients]
+                deltas = sum(s.control_msgs.get("ClientDelta", 0) for s in statuses)
+                print(f"counts {deltas} {sum(s.control_bytes for s in statuses)}", flush=True)
+            elif command == "quit":
+                break
+    finally:
+        for client in clients:
+            client.close()
+
+
+if __name__ == "__main__":
+    main()
