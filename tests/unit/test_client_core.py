@@ -1,0 +1,99 @@
+"""The client core without sockets: sessions, server tables, and Routes kept incrementally."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zbus import wire
+from zbus.client_core import ClientCore, SessionState, reachable_endpoint
+from zbus.tables import ClientTable
+
+ME = "C-me"
+
+
+def core_with(endpoints: list[str]) -> ClientCore:
+    return ClientCore(ME, "me", wire.NetState(), endpoints, "inst", b"i" * 16, b"o" * 16)
+
+
+def register(core: ClientCore, index: int, server_id: str, table: ClientTable) -> None:
+    core.transport_up(index, 0.0)
+    core.receive(index, wire.Welcome(server_id, server_id), 0.0)
+    core.receive(index, table.snapshot(), 0.0)
+
+
+def test_a_server_announced_on_all_interfaces_is_reached_by_the_known_host():
+    assert reachable_endpoint("tcp://0.0.0.0:7701", "tcp://10.0.0.5:7700") == "tcp://10.0.0.5:7701"
+    assert reachable_endpoint("tcp://10.0.0.6:7700", "tcp://10.0.0.5:7700") == "tcp://10.0.0.6:7700"
+
+
+def test_server_tables_add_unknown_servers_once():
+    core = core_with(["tcp://10.0.0.5:7700"])
+    register(core, 0, "S-a", ClientTable("S-a"))
+    table = wire.ServerTable(3, "S-b", [
+        wire.ServerStatus("S-a", "a", "tcp://10.0.0.5:7700", "server", True, 0),
+        wire.ServerStatus("S-b", "b", "tcp://0.0.0.0:7800", "master", True, 0),
+    ])
+    core.receive(0, table, 0.0)
+    core.receive(0, table, 0.0)
+    assert core.take_added() == [1]
+    assert [s.endpoint for s in core.sessions] == ["tcp://10.0.0.5:7700", "tcp://10.0.0.5:7800"]
+    assert core.master == "S-b"
+    assert core.routes().endpoints == ("tcp://10.0.0.5:7700", "tcp://10.0.0.5:7800")
+
+
+def test_a_version_gap_asks_for_a_resync():
+    core = core_with(["tcp://a:1"])
+    table = ClientTable("S-a")
+    register(core, 0, "S-a", table)
+    table.upsert(wire.ClientInfo("C-1", "one"))
+    table.take_delta()
+    table.upsert(wire.ClientInfo("C-2", "two"))
+    [(index, frame)] = core.receive(0, table.take_delta(), 0.0)
+    assert (index, wire.decode(frame)) == (0, wire.Resync())
+
+
+def test_losing_the_transport_clears_that_servers_list():
+    core = core_with(["tcp://a:1"])
+    table = ClientTable("S-a")
+    table.upsert(wire.ClientInfo("C-1", "one"))
+    table.take_delta()
+    register(core, 0, "S-a", table)
+    assert set(core.routes().holders) == {"C-1"}
+    core.transport_down(0)
+    routes = core.routes()
+    assert routes.holders == {} and routes.registered == ()
+    assert core.sessions[0].state is SessionState.DOWN
+
+
+ops = st.lists(st.tuples(st.integers(0, 1), st.booleans(), st.integers(0, 12), st.sampled_from(["x", "y", ""])),
+               max_size=80)
+
+
+@settings(max_examples=150)
+@given(ops)
+def test_incremental_routes_equal_routes_built_from_scratch(steps):
+    core = core_with(["tcp://a:1", "tcp://b:1"])
+    tables = [ClientTable("S-a"), ClientTable("S-b")]
+    for index, table in enumerate(tables):
+        register(core, index, table.server_id, table)
+    for index, join, n, name in steps:
+        table = tables[index]
+        client_id = ME if n == 0 else f"C-{n}"
+        table.upsert(wire.ClientInfo(client_id, name)) if join else table.remove(client_id)
+        delta = table.take_delta()
+        if delta is not None:
+            core.receive(index, delta, 0.0)
+        routes = core.routes()
+        expected_holders = {}
+        for i, t in enumerate(tables):
+            for info in t.entries():
+                if info.id != ME:
+                    expected_holders.setdefault(info.id, []).append(i)
+        assert dict(routes.holders) == {k: tuple(v) for k, v in expected_holders.items()}
+        expected_names: dict[str, set[str]] = {}
+        for client_id, info in routes.clients.items():
+            assert info == tables[routes.holders[client_id][0]].get(client_id)
+            if info.name:
+                expected_names.setdefault(info.name, set()).add(client_id)
+        assert {k: set(v) for k, v in routes.names.items()} == expected_names
