@@ -34,14 +34,17 @@ def main(verbose: int) -> None:
 @click.option("--peer", "peers", multiple=True, help="A server to bootstrap from, tcp://HOST:PORT (repeatable).")
 @click.option("--name", help="Human-readable server name.")
 @click.option("--id", "server_id", help="Pin the server Id (S-<uuid4>); default: a fresh one.")
+@click.option("--cluster-listen", help="Raft mesh endpoint, tcp://IP:PORT (default: the --listen port + 1).")
+@click.option("--dead-after", type=float, help="Seconds unreachable before the cluster removes a server.")
 def server(config_path: str | None, listen: str | None, peers: tuple[str, ...], name: str | None,
-           server_id: str | None) -> None:
+           server_id: str | None, cluster_listen: str | None, dead_after: float | None) -> None:
     """Run a relay server until SIGINT/SIGTERM."""
     from .config import load_server_config
     from .server import Server
 
     try:
-        cfg = load_server_config(config_path, listen=listen, peers=list(peers), name=name, id=server_id)
+        cfg = load_server_config(config_path, listen=listen, peers=list(peers), name=name, id=server_id,
+                                 cluster_listen=cluster_listen, dead_after=dead_after)
         node = Server(cfg)
     except ZbusError as exc:
         raise click.ClickException(str(exc)) from None
@@ -92,6 +95,36 @@ def status(server_endpoint: str, as_json: bool, timeout: float) -> None:
         click.echo(json.dumps(wire.status_to_json(reply), indent=2))
     else:
         render_status(reply)
+
+
+@main.command()
+@click.option("--server", "servers", multiple=True, required=True,
+              help="A server endpoint tcp://HOST:PORT whose UDP reflector to ask (repeatable; two or more tell "
+                   "whether the NAT mapping varies per destination).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def netcheck(servers: tuple[str, ...], as_json: bool) -> None:
+    """Show what this host looks like from the servers: private addresses, public UDP endpoint(s), NAT kind."""
+    from .netcheck import netcheck as probe
+
+    try:
+        report = probe(list(servers))
+    except ZbusError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot probe: {exc}") from None
+    if as_json:
+        click.echo(json.dumps({"private": list(report.private), "local_port": report.local_port,
+                               "observed": report.observed, "public": list(report.public),
+                               "mapping_varies": report.mapping_varies}, indent=2))
+        return
+    click.echo(f"private addresses: {', '.join(report.private) or '(none)'}")
+    click.echo(f"local UDP port:    {report.local_port}")
+    for endpoint, seen in report.observed.items():
+        click.echo(f"seen by {endpoint}: {seen or 'no answer'}")
+    verdict = {None: "unknown (fewer than two servers answered)",
+               True: "varies per destination (symmetric NAT: plain hole punching will not work)",
+               False: "same for every server (no NAT or a cone NAT: hole punching can work)"}
+    click.echo(f"public mapping:    {verdict[report.mapping_varies]}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)

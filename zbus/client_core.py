@@ -7,6 +7,8 @@ arrived; it returns ``(server index, header bytes)`` to send and keeps :meth:`ro
 from __future__ import annotations
 
 import enum
+
+import msgspec
 from types import MappingProxyType
 
 from . import wire
@@ -15,6 +17,8 @@ from .tables import Applied, PeerList
 
 HELLO_RETRY = 0.5  # seconds between Hellos while a connection is up but not registered
 HEARTBEAT = 1.0  # seconds between Heartbeats to a registered server (servers expire after 3 s)
+PROBE_INTERVAL = 1.0  # seconds between UDP probes of a server's reflector until it answers
+PROBE_TRIES = 5
 
 
 class SessionState(enum.Enum):
@@ -35,6 +39,10 @@ class ServerSession:
         self.next_hello: float | None = None
         self.next_heartbeat: float | None = None
         self.refusal: wire.Error | None = None
+        self.observed: str | None = None  # "ip:port" this server's reflector saw our UDP socket as
+        self.probe_nonce = b""
+        self.next_probe: float | None = None
+        self.probes_left = 0
 
     @property
     def synced(self) -> bool:
@@ -67,6 +75,7 @@ class ClientCore:
         self.net = net
         self.sessions = [ServerSession(i, ep) for i, ep in enumerate(endpoints)]
         self.master: str | None = None
+        self._probe_count = 0
         self._added: list[int] = []  # sessions learnt from server tables, not yet opened by the engine
         self._routes = Routes(endpoints=tuple(endpoints))
         self._dirty = False
@@ -123,6 +132,9 @@ class ClientCore:
             session.refusal = None
             session.peers.clear()
             self._dirty = self._full = True
+            self._probe_count += 1
+            session.probe_nonce = f"{self.instance}/{index}/{self._probe_count}".encode()
+            session.next_probe, session.probes_left = now, PROBE_TRIES
             return []
         if isinstance(header, wire.Error):
             if header.code == "not-registered" and session.state is SessionState.REGISTERED:
@@ -151,6 +163,38 @@ class ClientCore:
                 self._added.append(len(self.sessions) - 1)
                 self._dirty = self._full = True
 
+    # -- net state ---------------------------------------------------------------------------
+    def probes(self, now: float) -> list[tuple[int, bytes]]:
+        """(server index, nonce) of the UDP reflector probes due now."""
+        due = []
+        for s in self.sessions:
+            if s.next_probe is not None and now >= s.next_probe and s.state is SessionState.REGISTERED:
+                s.probes_left -= 1
+                s.next_probe = now + PROBE_INTERVAL if s.probes_left > 0 else None
+                due.append((s.index, s.probe_nonce))
+        return due
+
+    def observed(self, nonce: bytes, ip: str, port: int) -> list[Output]:
+        """A reflector answered: remember our public endpoint; report a changed net state."""
+        for session in self.sessions:
+            if session.probe_nonce and session.probe_nonce == nonce:
+                session.observed = f"{ip}:{port}"
+                session.next_probe = None
+                public = sorted({s.observed for s in self.sessions if s.observed})
+                return self._report(msgspec.structs.replace(self.net, public=public))
+        return []
+
+    def set_private(self, addresses: list[str]) -> list[Output]:
+        """The interfaces' addresses now (polled by the engine): report them if they changed."""
+        return self._report(msgspec.structs.replace(self.net, private=addresses))
+
+    def _report(self, net: wire.NetState) -> list[Output]:
+        if net == self.net:
+            return []
+        self.net = net
+        frame = wire.encode(net)
+        return [(s.index, frame) for s in self.sessions if s.state is SessionState.REGISTERED]
+
     def take_added(self) -> list[int]:
         """Indexes of servers learnt since the last call: the engine connects to them."""
         added, self._added = self._added, []
@@ -168,7 +212,7 @@ class ClientCore:
 
     def next_deadline(self) -> float | None:
         deadlines = [
-            t for s in self.sessions for t in (s.next_hello, s.next_heartbeat) if t is not None
+            t for s in self.sessions for t in (s.next_hello, s.next_heartbeat, s.next_probe) if t is not None
         ]
         return min(deadlines) if deadlines else None
 

@@ -10,6 +10,7 @@ through this thread: the user's threads own the data sockets (see :mod:`zbus.cli
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -28,6 +29,7 @@ from .wire import DropReason
 log = logging.getLogger("zbus.client")
 
 BATCH = 256
+ADDRESS_CHECK_S = 5.0  # how often the interfaces are re-read to report address changes
 SEND_SLICE_MS = 200  # a blocked send wakes this often to notice a lost server or close()
 MAX_IDLE_MS = 1000
 
@@ -147,6 +149,19 @@ class Engine:
         poller = zmq.Poller()
         for sock in (self._ctl, *dealers, *monitors):
             poller.register(sock, zmq.POLLIN)
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # one socket: see netcheck.py
+        udp.bind(("0.0.0.0", 0))
+        udp.setblocking(False)
+        poller.register(udp, zmq.POLLIN)
+        next_address_check = time.monotonic() + ADDRESS_CHECK_S
+        try:
+            self._loop_with(poller, dealers, monitors, udp, next_address_check)
+        finally:
+            udp.close()
+
+    def _loop_with(self, poller: zmq.Poller, dealers: list[zmq.Socket], monitors: list[zmq.Socket],
+                   udp: socket.socket, next_address_check: float) -> None:
+        core = self.core
         while True:
             now = time.monotonic()
             deadline = core.next_deadline()
@@ -161,10 +176,41 @@ class Engine:
             for index, dealer in enumerate(dealers):
                 if dealer in events:
                     self._drain_server(dealers, index, now)
+            if udp.fileno() in events or udp in events:
+                self._on_udp(udp, dealers)
             self._connect_learnt(poller, dealers, monitors)
             for index, header in core.tick(now):
                 self._send_control(dealers[index], header)
+            for index, nonce in core.probes(now):
+                self._probe(udp, index, nonce)
+            if now >= next_address_check:
+                next_address_check = now + ADDRESS_CHECK_S
+                for index, header in core.set_private(netinfo.private_addresses()):
+                    self._send_control(dealers[index], header)
             self._publish()
+
+    def _probe(self, udp: socket.socket, index: int, nonce: bytes) -> None:
+        """Ask server ``index``'s UDP reflector (same host and port number as its endpoint)."""
+        host, _, port = self.core.sessions[index].endpoint.removeprefix("tcp://").rpartition(":")
+        try:
+            udp.sendto(wire.encode(wire.Probe(nonce)), (host.strip("[]"), int(port)))
+        except OSError as exc:  # unresolvable or unreachable: the net state just lacks this entry
+            log.debug("UDP probe to %s failed: %s", host, exc)
+
+    def _on_udp(self, udp: socket.socket, dealers: list[zmq.Socket]) -> None:
+        for _ in range(BATCH):
+            try:
+                datagram, _ = udp.recvfrom(2048)
+            except (BlockingIOError, OSError):
+                return
+            try:
+                answer = wire.decode(datagram)
+            except wire.WireError as exc:
+                self._drop(exc.reason)
+                continue
+            if isinstance(answer, wire.Observed):
+                for index, header in self.core.observed(answer.nonce, answer.ip, answer.port):
+                    self._send_control(dealers[index], header)
 
     def _on_monitor(self, monitor: zmq.Socket, index: int, dealers: list[zmq.Socket], now: float) -> None:
         for _ in range(BATCH):

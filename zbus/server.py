@@ -20,9 +20,10 @@ import zmq
 
 from . import sockets, wire
 from .sockets import recv_frames
-from .cluster import SoloCluster
-from .config import ServerConfig, load_server_config
+from .cluster import RaftCluster
+from .config import ServerConfig, load_server_config, parse_endpoint
 from .ids import new_server_id
+from .reflector import Reflector
 from .relay import ServerCore
 from .wire import DropReason
 
@@ -50,7 +51,8 @@ class Server:
         self._error: BaseException | None = None
         self.endpoint = self.config.listen
         self.core: ServerCore | None = None
-        self.cluster: SoloCluster | None = None
+        self.cluster: RaftCluster | None = None
+        self.reflector: Reflector | None = None
         self._pending: dict[bytes, collections.deque] = {}
         self._pending_count = 0
         self._warned: set[bytes] = set()
@@ -96,7 +98,9 @@ class Server:
             router.bind(self.config.listen)
             self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
             self.core = ServerCore(self.id, self.name, self.endpoint, self.config.client_timeout)
-            self.cluster = SoloCluster(self.id, self.name, self.endpoint)
+            host, port = parse_endpoint(self.endpoint, "listen")
+            self.reflector = Reflector(host, port).start()
+            self.cluster = RaftCluster(self.id, self.name, self.endpoint, self.config)
             self.cluster.start()
             self._bound.set()
             log.info("server %s (%s) listening on %s", self.id, self.name, self.endpoint)
@@ -104,6 +108,8 @@ class Server:
         finally:
             if self.cluster is not None:
                 self.cluster.stop()
+            if self.reflector is not None:
+                self.reflector.stop()
             router.close(linger=0)
 
     # -- the loop ---------------------------------------------------------------------------

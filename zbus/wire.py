@@ -195,7 +195,7 @@ class ClusterServer(_Msg):
     instance: str  # random per process: a restart with a pinned Id is a new instance
     data_endpoint: str  # the ROUTER clients and users know
     cluster_endpoint: str  # the ROUTER of the Raft mesh
-    started_at: float  # the server's wall clock at start (seconds since the epoch): "started earlier" wins with 2
+    started_at: float  # wall clock at start (seconds since the epoch): of 2 servers, the earlier is Master
     net: NetState = NetState()
 
 
@@ -222,6 +222,7 @@ class PeerStatus(_Msg):
     leader: str  # the Raft leader the sender follows, "" if none
     master: str  # the Master in the sender's view, "" if unknown
     stats: ServerStats = ServerStats()
+    admitted: bool = False  # the sender's own table row names this very process (it may vote)
 
 
 class MasterQuery(_Msg):
@@ -249,9 +250,44 @@ class ServerList(_Msg):
     servers: list[ClusterServer]
 
 
+class ClusterStatusRequest(_Msg):
+    """Anyone -> a server's cluster endpoint: your cluster and Raft state (for operators and tests)."""
+
+
+class ClusterStatusReply(_Msg):
+    self_id: str
+    cluster_id: str
+    phase: str  # "unjoined" | "joining" | "member"
+    role: str  # Raft role: "follower" | "pre_candidate" | "candidate" | "leader"
+    term: int
+    leader: str
+    master: str
+    voters: list[str]
+    learners: list[str]
+    live: list[str]  # the peers this server counts as live
+    table: list[str]  # server Ids in its replicated table
+    stats: dict[str, ServerStats] = {}  # every server's latest figures, by Id, as this server heard them
+    dropped: dict[str, int] = {}  # cluster messages this server dropped, by reason
+
+
+class Probe(_Msg):
+    """UDP, client -> server reflector: what address do my packets come from?"""
+
+    nonce: bytes
+
+
+class Observed(_Msg):
+    """UDP, reflector -> client: the source address the probe with ``nonce`` arrived from."""
+
+    nonce: bytes
+    ip: str
+    port: int
+
+
 Header = Union[
-    Hello, Heartbeat, Bye, Welcome, NetState, ServerTable, ClientDelta, Resync, Data, Error, StatusRequest, StatusReply,
+    Probe, Observed, Hello, Heartbeat, Bye, Welcome, NetState, ServerTable, ClientDelta, Resync, Data, Error, StatusRequest, StatusReply,
     ClusterHello, ClusterWho, PeerStatus, MasterQuery, MasterReply, ServerListQuery, ServerList,
+    ClusterStatusRequest, ClusterStatusReply,
     RaftPreVote, RaftPreVoteResp, RaftVote, RaftVoteResp, RaftAppend, RaftAppendResp, RaftHeartbeat,
     RaftHeartbeatResp, RaftTimeoutNow,
 ]

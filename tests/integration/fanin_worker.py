@@ -37,8 +37,8 @@ def main() -> None:
                 pending = list(clients)
                 while pending and time.monotonic() < deadline:
                     pending = [c for c in pending if len(c.peers()) < total - 1]
-                    if pending:
-                        pending[0].wait_peer("never-such-name", timeout=0.02)  # sleeps on the engine's condition
+                    if pending:  # sleep on that client's engine condition until its lists are complete
+                        pending[0]._engine.wait_for(lambda r: len(r.clients) >= total - 1, 0.05)
                 print(f"converged {time.monotonic()}" if not pending else f"timeout {len(pending)}", flush=True)
             elif command == "counts":
                 statuses = [c.status() for c in clients]

@@ -1,33 +1,29 @@
 """The server cluster as the relay loop sees it: an immutable :class:`ClusterView` and its provider.
 
 A server's relay loop only ever calls ``start()``, ``stop()`` and ``view()`` on its cluster object
-(and ``report()`` with its own statistics). :class:`SoloCluster` is a cluster of one: the server is
-its own (temporary) master. The Raft-backed cluster (bootstrap, full mesh, elected master,
-replicated server table) provides the same interface.
+(and ``report()`` with its own statistics). :class:`RaftCluster` is the real one (bootstrap, full
+mesh, elected Master, replicated server table; see docs/cluster.md). :class:`SoloCluster` is a
+cluster of one without any sockets: the server is its own (temporary) master.
+
+Layout: ``view`` (the snapshot), ``table`` (the replicated server table), ``member`` (this server's
+Raft node), ``mesh`` and ``links`` (connections, liveness, authentication), ``rules`` and
+``reconcile`` (pure decisions), ``core`` (the sans-IO cluster protocol), ``driver`` (the thread and
+the sockets), ``status`` (ask a cluster endpoint for its state). See docs/cluster.md.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from .. import wire
-
-
-@dataclass(frozen=True)
-class ClusterView:
-    version: int  # moves whenever anything below changes
-    master: str  # server Id
-    servers: tuple[wire.ServerStatus, ...]
-
-    def table(self) -> wire.ServerTable:
-        return wire.ServerTable(self.version, self.master, list(self.servers))
+from .driver import RaftCluster
+from .view import ClusterView
 
 
 class SoloCluster:
     """A cluster of one server, which is therefore the master."""
 
     def __init__(self, server_id: str, name: str, endpoint: str) -> None:
-        self._view = ClusterView(1, server_id, (wire.ServerStatus(server_id, name, endpoint, "master", True, 0),))
+        alone = wire.ServerStatus(server_id, name, endpoint, "master", True, 0)
+        self._view = ClusterView(1, server_id, (alone,))
 
     def start(self) -> None:
         pass
@@ -40,3 +36,5 @@ class SoloCluster:
 
     def report(self, stats: wire.ServerStats) -> None:
         """This server's figures, for the master's cluster-wide statistics (nothing to do alone)."""
+
+__all__ = ["ClusterView", "RaftCluster", "SoloCluster"]

@@ -1,0 +1,84 @@
+"""The server's UDP reflector: tells a client which public ip:port its UDP packets come from.
+
+One socket per server address: a socket bound to 0.0.0.0 may answer from another source address
+than the one the probe was sent to, and a NAT drops such an answer. So a server listening on all
+interfaces binds one UDP socket per interface address, on the same port number as its TCP endpoint.
+Datagrams are :class:`~zbus.wire.Probe` / :class:`~zbus.wire.Observed` headers; anything else is
+dropped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+
+from . import netinfo, wire
+
+log = logging.getLogger("zbus.reflector")
+
+MAX_DATAGRAM = 2048
+POLL_S = 0.2  # bounds how long stop() takes
+
+
+def bind_addresses(host: str) -> list[str]:
+    """The addresses to bind for a listen host: itself, or every interface address for a wildcard."""
+    if host in ("0.0.0.0", "*", ""):
+        return netinfo.private_addresses()
+    return [host]
+
+
+class Reflector:
+    def __init__(self, host: str, port: int) -> None:
+        self.port = port
+        self.sockets: list[socket.socket] = []
+        for address in bind_addresses(host):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                sock.bind((address, port))
+            except OSError as exc:
+                sock.close()
+                log.warning("no UDP reflector on %s:%d: %s", address, port, exc)
+                continue
+            self.sockets.append(sock)
+        self.answered = 0
+        self.dropped = 0
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"zbus-reflector-{port}", daemon=True)
+
+    def start(self) -> "Reflector":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        for sock in self.sockets:
+            sock.close()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set() and self.sockets:
+            readable, _, _ = select.select(self.sockets, [], [], POLL_S)
+            for sock in readable:
+                try:
+                    datagram, (ip, port) = sock.recvfrom(MAX_DATAGRAM)
+                except OSError:
+                    continue
+                self._answer(sock, datagram, ip, port)
+
+    def _answer(self, sock: socket.socket, datagram: bytes, ip: str, port: int) -> None:
+        try:
+            probe = wire.decode(datagram)
+        except wire.WireError:
+            self.dropped += 1
+            return
+        if not isinstance(probe, wire.Probe):
+            self.dropped += 1
+            return
+        try:
+            sock.sendto(wire.encode(wire.Observed(probe.nonce, ip, port)), (ip, port))
+            self.answered += 1
+        except OSError:
+            self.dropped += 1
