@@ -162,6 +162,16 @@ def load_server_config(config: str | os.PathLike | None = None, **overrides: Any
         raise ConfigError(f"server.id (in {source}): {cfg.id!r} is not S-<uuid4>")
     _check_positive(cfg.max_frame, "server.max_frame", source)
     _check_positive(cfg.max_pending, "server.max_pending", source)
+    if cfg.cluster_listen:
+        parse_endpoint(cfg.cluster_listen, f"server.cluster_listen (in {source})", allow_port_zero=True)
+    for key in ("dead_after", "peer_timeout", "raft_tick"):
+        if not getattr(cfg, key) > 0:
+            raise ConfigError(f"server.{key} (in {source}): {getattr(cfg, key)}, expected a positive number of seconds")
+    for key in ("raft_heartbeat_ticks", "raft_election_ticks"):
+        _check_positive(getattr(cfg, key), f"server.{key}", source)
+    if cfg.raft_election_ticks <= cfg.raft_heartbeat_ticks:
+        raise ConfigError(f"server.raft_election_ticks (in {source}): {cfg.raft_election_ticks}, "
+                          f"expected more than server.raft_heartbeat_ticks ({cfg.raft_heartbeat_ticks})")
     return cfg
 
 

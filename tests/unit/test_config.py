@@ -50,6 +50,9 @@ def test_zbus_toml_in_the_working_directory_is_found(tmp_path):
     ('[client]\nid = "S-1"\n', ["zbus.toml", "client.id", "C-<uuid4>"]),
     ('[server]\nlisten = "tcp://0.0.0.0:99999"\n', ["zbus.toml", "server.listen", "1-65535"]),
     ('[server]\nmax_frame = 0\n', ["zbus.toml", "server.max_frame", "positive"]),
+    ('[server]\nraft_tick = -1\n', ["zbus.toml", "server.raft_tick", "positive number of seconds"]),
+    ('[server]\nraft_election_ticks = 2\n', ["zbus.toml", "server.raft_election_ticks", "more than"]),
+    ('[server]\ncluster_listen = "udp://x:1"\n', ["zbus.toml", "server.cluster_listen", "tcp://host:port"]),
     ('[servers]\nlisten = "x"\n', ["zbus.toml", "servers", "[client] and/or [server]"]),
     ('[client\n', ["zbus.toml", "not valid TOML"]),
 ])
