@@ -127,6 +127,24 @@ def netcheck(servers: tuple[str, ...], as_json: bool) -> None:
     click.echo(f"public mapping:    {verdict[report.mapping_varies]}")
 
 
+@main.command()
+@click.option("--out", "directory", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for the key files.")
+@click.option("--id", "node_id", help="The Id to bind the keys to (C-… or S-…); default: a fresh client Id.")
+@click.option("--server", "for_server", is_flag=True, help="Make a fresh server Id (S-…) instead of a client Id.")
+def keygen(directory: str, node_id: str | None, for_server: bool) -> None:
+    """Make a CurveZMQ key pair bound to an Id: ID.key (secret, mode 0600) and ID.pub (for trust lists)."""
+    from .ids import new_client_id, new_server_id
+    from .security import keygen as make_keys
+
+    node_id = node_id or (new_server_id() if for_server else new_client_id())
+    try:
+        pub, key = make_keys(directory, node_id)
+    except ZbusError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{node_id}\n  secret: {key}\n  public: {pub}  (copy into the trust directory of every node)")
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)
 @click.pass_context
 def bench(ctx: click.Context) -> None:

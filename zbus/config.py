@@ -27,6 +27,10 @@ from typing import Any
 import msgspec
 
 from .errors import ConfigError
+from .guard import (
+    DEFAULT_CONTROL_BURST, DEFAULT_CONTROL_RATE, DEFAULT_MAX_CLIENTS, DEFAULT_MAX_HEADER,
+    DEFAULT_MAX_NAME_BYTES, Limits,
+)
 from .ids import is_client_id, is_server_id
 from .wire import DEFAULT_MAX_FRAME
 
@@ -46,6 +50,12 @@ class ClientConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_links: int = 64
     max_frame: int = DEFAULT_MAX_FRAME
     connect_timeout: float = 5.0  # seconds a new Client waits for its first server
+    # The delivery layer (zbus/delivery.py, docs/architecture.md): per destination, messages kept
+    # until acknowledged so a path switch can repeat them; per source, early messages held for order.
+    max_unacked: int = 16_384
+    max_unacked_bytes: int = 64 * 1024 * 1024
+    max_reorder: int = 16_384
+    max_reorder_bytes: int = 64 * 1024 * 1024
 
 
 class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -56,6 +66,12 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_frame: int = DEFAULT_MAX_FRAME
     max_pending: int = 10_000  # relayed messages held for slow receivers before intake pauses
     client_timeout: float = 3.0  # seconds of silence after which a client is dropped from the list
+    # Hostile input (docs/security.md): bounds on tables and on what one connection may send.
+    max_clients: int = DEFAULT_MAX_CLIENTS  # registered clients; Hellos past this are refused
+    max_name_bytes: int = DEFAULT_MAX_NAME_BYTES  # a client's name, UTF-8 bytes
+    max_header: int = DEFAULT_MAX_HEADER  # bytes of one header frame (and so of one client-list entry)
+    control_rate: float = DEFAULT_CONTROL_RATE  # control messages per second per connection (token bucket)
+    control_burst: int = DEFAULT_CONTROL_BURST  # ...and how many at once
     # The cluster (docs/cluster.md): the Raft mesh's own endpoint, "" = the data port + 1 on the same host.
     cluster_listen: str = ""
     dead_after: float = 30.0  # seconds unreachable before the quorum leader removes a server from the table
@@ -143,6 +159,8 @@ def load_client_config(config: str | os.PathLike | None = None, **overrides: Any
     if cfg.id is not None and not is_client_id(cfg.id):
         raise ConfigError(f"client.id (in {source}): {cfg.id!r} is not C-<uuid4>")
     _check_positive(cfg.max_frame, "client.max_frame", source)
+    for key in ("max_unacked", "max_unacked_bytes", "max_reorder", "max_reorder_bytes"):
+        _check_positive(getattr(cfg, key), f"client.{key}", source)
     if cfg.max_links < 0:
         raise ConfigError(f"client.max_links (in {source}): {cfg.max_links}, expected an integer >= 0")
     return cfg
@@ -172,7 +190,24 @@ def load_server_config(config: str | os.PathLike | None = None, **overrides: Any
     if cfg.raft_election_ticks <= cfg.raft_heartbeat_ticks:
         raise ConfigError(f"server.raft_election_ticks (in {source}): {cfg.raft_election_ticks}, "
                           f"expected more than server.raft_heartbeat_ticks ({cfg.raft_heartbeat_ticks})")
+    for key in ("max_clients", "max_name_bytes", "control_burst"):
+        _check_positive(getattr(cfg, key), f"server.{key}", source)
+    if cfg.max_header < MIN_MAX_HEADER:
+        raise ConfigError(f"server.max_header (in {source}): {cfg.max_header}, expected an integer >= "
+                          f"{MIN_MAX_HEADER} (a Hello with a long name must fit)")
+    if not cfg.control_rate > 0:
+        raise ConfigError(f"server.control_rate (in {source}): {cfg.control_rate}, "
+                          "expected a number > 0 (control messages per second per connection)")
     return cfg
+
+
+MIN_MAX_HEADER = 512
+
+
+def server_limits(cfg: ServerConfig) -> Limits:
+    """The hostile-input bounds of a server config, for :class:`~zbus.relay.ServerCore`."""
+    return Limits(max_clients=cfg.max_clients, max_name_bytes=cfg.max_name_bytes, max_header=cfg.max_header,
+                  control_rate=cfg.control_rate, control_burst=cfg.control_burst)
 
 
 def _check_positive(value: int, key: str, source: str) -> None:

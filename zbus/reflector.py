@@ -3,18 +3,22 @@
 One socket per server address: a socket bound to 0.0.0.0 may answer from another source address
 than the one the probe was sent to, and a NAT drops such an answer. So a server listening on all
 interfaces binds one UDP socket per interface address, on the same port number as its TCP endpoint.
-Datagrams are :class:`~zbus.wire.Probe` / :class:`~zbus.wire.Observed` headers; anything else is
-dropped and counted.
+Datagrams are :class:`~zbus.wire.Probe` / :class:`~zbus.wire.Observed` headers, and
+:class:`~zbus.wire.PunchRequest`, which the socket hands to the pure rendezvous core
+(:mod:`zbus.rendezvous`) and sends what it answers; anything else is dropped and counted.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import select
 import socket
 import threading
+import time
 
 from . import netinfo, wire
+from .rendezvous import Rendezvous
 
 log = logging.getLogger("zbus.reflector")
 
@@ -44,6 +48,8 @@ class Reflector:
             self.sockets.append(sock)
         self.answered = 0
         self.dropped = 0
+        self.rendezvous = Rendezvous(os.urandom)
+        self._by_address = {sock.getsockname()[0]: sock for sock in self.sockets}
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"zbus-reflector-{port}", daemon=True)
 
@@ -73,6 +79,14 @@ class Reflector:
             probe = wire.decode(datagram)
         except wire.WireError:
             self.dropped += 1
+            return
+        if isinstance(probe, wire.PunchRequest):
+            for reply in self.rendezvous.handle(time.monotonic(), sock.getsockname()[0], (ip, port), probe):
+                try:
+                    self._by_address.get(reply.via, sock).sendto(reply.data, reply.to)
+                    self.answered += 1
+                except OSError:
+                    self.dropped += 1
             return
         if not isinstance(probe, wire.Probe):
             self.dropped += 1

@@ -8,6 +8,10 @@ id; Hello, Heartbeat, lists) and two data connections whose routing ids it annou
 ``data_out`` (client -> server Data) and ``data_in`` (server -> client Data). Keeping data off the
 control connection lets the client's user thread own its data sockets, so a message crosses no
 thread inside a client.
+
+Hostile input (docs/security.md): every control message passes a per-connection token bucket
+(:class:`~zbus.guard.RateLimiter`); registrations are bounded by ``max_clients`` and names by
+``max_name_bytes``; every frame the core turns away is counted by :class:`~zbus.wire.DropReason`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import msgspec
 
 from . import wire
 from .cluster import ClusterView
+from .guard import Limits, RateLimiter
 from .ids import is_client_id
 from .tables import ClientTable
 from .wire import DropReason
@@ -43,8 +48,11 @@ def valid_token(token: bytes) -> bool:
 
 
 class ServerCore:
-    def __init__(self, server_id: str, name: str, endpoint: str, client_timeout: float = 3.0) -> None:
+    def __init__(self, server_id: str, name: str, endpoint: str, client_timeout: float = 3.0,
+                 limits: Limits = Limits()) -> None:
         self.server_id = server_id
+        self.limits = limits
+        self._control_rate = RateLimiter(limits.control_rate, limits.control_burst, limits.max_tracked)
         self.client_timeout = client_timeout
         self.name = name
         self.endpoint = endpoint
@@ -56,6 +64,7 @@ class ServerCore:
         self._last_seen: dict[bytes, float] = {}  # control connection -> when it last spoke
         self._needs_snapshot: set[bytes] = set()
         self.cluster = ClusterView(0, server_id, (wire.ServerStatus(server_id, name, endpoint, "master", True, 0),))
+        self.cluster_stats: dict[str, wire.ServerStats] = {}  # every server's figures, from the cluster
         self._cluster_changed = False
         self._forgotten: list[bytes] = []
         self.relayed_msgs = 0
@@ -84,15 +93,25 @@ class ServerCore:
         """True if ``conn`` is a registered client's data connection (it may still be connecting)."""
         return conn in self._receivers
 
+    def may_queue(self, conn: bytes) -> bool:
+        """True if output for ``conn`` may wait for its pipe to drain (a registered client's control or
+        data_in connection); output for anyone else that does not read is dropped, not queued."""
+        return conn in self._by_control or conn in self._receivers
+
     def drop(self, reason: DropReason, count: int = 1) -> None:
         self.dropped[reason.value] += count
 
     # -- control plane ----------------------------------------------------------------------
     def receive(self, conn: bytes, header: wire.Header, now: float) -> list[Output]:
         """Handle one control message from ``conn``."""
+        if not self._control_rate.allow(conn, now):
+            self.drop(DropReason.RATE_LIMITED)
+            return []
         if isinstance(header, wire.Hello):
-            self._last_seen[conn] = now
-            return self._hello(conn, header)
+            out = self._hello(conn, header)
+            if conn in self._by_control:  # only registrations are remembered (a refusal leaves nothing)
+                self._last_seen[conn] = now
+            return out
         if isinstance(header, wire.StatusRequest):
             return [(conn, wire.encode(self.status()), None)]
         if isinstance(header, wire.Bye) and conn in self._by_sender:
@@ -101,11 +120,10 @@ class ServerCore:
             return []
         registration = self._by_control.get(conn)
         if registration is None:
+            self.drop(DropReason.UNREGISTERED)
             if isinstance(header, (wire.Heartbeat, wire.NetState, wire.Resync)):
                 # We expired it (or restarted): tell it to register again.
                 return [(conn, self._not_registered, None)]
-            if not isinstance(header, wire.Bye):
-                self.drop(DropReason.UNREGISTERED)
             return []
         self._last_seen[conn] = now
         if isinstance(header, wire.Heartbeat):
@@ -124,14 +142,23 @@ class ServerCore:
         return []
 
     def _refuse(self, conn: bytes, code: str, message: str) -> list[Output]:
+        self.drop(DropReason.REFUSED)
         return [(conn, wire.encode(wire.Error(code, message)), None)]
 
     def _hello(self, conn: bytes, hello: wire.Hello) -> list[Output]:
         if not is_client_id(hello.id):
             return self._refuse(conn, "bad-id", f"{hello.id!r} is not a client Id (C-<uuid4>)")
+        if len(hello.name.encode("utf-8", "surrogatepass")) > self.limits.max_name_bytes:
+            return self._refuse(conn, "bad-name",
+                                f"a client name is at most {self.limits.max_name_bytes} bytes (UTF-8)")
         if not (valid_token(hello.data_in) and valid_token(hello.data_out)) or hello.data_in == hello.data_out:
             return self._refuse(conn, "bad-hello", f"data connection ids must be two distinct {TOKEN_BYTES}-byte ids")
         holder = self._by_id.get(hello.id)
+        if holder is None and conn not in self._by_control and len(self._by_id) >= self.limits.max_clients:
+            return self._refuse(
+                conn, "server-full",
+                f"server {self.server_id} has max_clients={self.limits.max_clients} clients registered; "
+                f"try another server or later")
         if holder is not None and holder.control != conn:
             if holder.instance != hello.instance:
                 return self._refuse(
@@ -159,11 +186,13 @@ class ServerCore:
         limit = now - self.client_timeout
         for conn in [c for c, seen in self._last_seen.items() if seen < limit]:
             self.connection_lost(conn)
+        self._control_rate.sweep(now)
 
     def connection_lost(self, conn: bytes) -> None:
         """Forget the client on control connection ``conn``."""
         self._last_seen.pop(conn, None)
         self._needs_snapshot.discard(conn)
+        # The rate bucket stays (the sweep forgets it once full): Hello + Bye must not reset it.
         registration = self._by_control.pop(conn, None)
         if registration is None:
             return
@@ -177,6 +206,10 @@ class ServerCore:
         """Connections of clients forgotten since the last call (the driver drops their queues)."""
         forgotten, self._forgotten = self._forgotten, []
         return forgotten
+
+    def set_cluster_stats(self, stats: dict[str, wire.ServerStats]) -> None:
+        """Every server's figures as the cluster last heard them (for ``status``)."""
+        self.cluster_stats = stats
 
     def set_cluster(self, view: ClusterView) -> None:
         """The cluster changed (servers, master): every client gets the new server table."""
@@ -213,4 +246,6 @@ class ServerCore:
             for s in self.cluster.servers
         ]
         clients = [wire.ClientStatus(c.id, c.name, self.server_id) for c in self.table.entries()]
-        return wire.StatusReply(self.server_id, self.cluster.master, servers, clients, self.stats())
+        own = self.stats()
+        cluster_stats = {**self.cluster_stats, self.server_id: own}
+        return wire.StatusReply(self.server_id, self.cluster.master, servers, clients, own, cluster_stats)

@@ -4,7 +4,14 @@ The loop drains the socket in batches (``copy=False``; a payload frame is forwar
 and only moves bytes between the socket and the core. Relay sends use ``ROUTER_MANDATORY``: a
 destination whose pipe is full gets a per-destination queue, and when queued messages pass
 ``max_pending`` the server stops reading until the queues drain, which pushes back on the senders
-through TCP instead of dropping or growing memory without bound.
+through TCP instead of dropping or growing memory without bound. Only registered clients get
+such a queue: a reply to any other connection whose pipe is full is dropped and counted
+(``congested``), so a peer that sends requests and never reads cannot stall the server.
+
+Hostile input (docs/security.md): frames over ``max_frame`` and header frames over ``max_header``
+are dropped before decoding; the core rate-limits control messages and bounds its tables; bad
+frames are counted by reason and logged once per connection, at most ``LOG_BURST`` lines per
+``LOG_EVERY_S`` seconds (a flood from many connections must not flood the log too).
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import zmq
 from . import sockets, wire
 from .sockets import recv_frames
 from .cluster import RaftCluster
-from .config import ServerConfig, load_server_config, parse_endpoint
+from .config import ServerConfig, load_server_config, parse_endpoint, server_limits
+from .guard import RateLimiter
 from .ids import new_server_id
 from .reflector import Reflector
 from .relay import ServerCore
@@ -36,6 +44,9 @@ NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 RETRY_MS = 1  # poll while messages wait for a full pipe
 SWEEP_S = 0.5  # how often silent clients are expired
 ATTACH_GRACE_S = 2.0  # how long messages wait for a registered client's data connection to (re)appear
+LOG_BURST = 10  # warnings about bad input logged at once...
+LOG_EVERY_S = 10.0  # ...then one per this many seconds; the rest are counted and summarised
+MAX_WARNED = 4096  # connections remembered as already warned about
 
 
 class Server:
@@ -56,8 +67,11 @@ class Server:
         self._pending: dict[bytes, collections.deque] = {}
         self._pending_count = 0
         self._warned: set[bytes] = set()
+        self._log_budget = RateLimiter(1.0 / LOG_EVERY_S, LOG_BURST, max_keys=1)
+        self._log_suppressed = 0
         self._unreachable_since: dict[bytes, float] = {}
         self.max_frame = self.config.max_frame
+        self.max_header = self.config.max_header
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self, timeout: float = 5.0) -> "Server":
@@ -97,7 +111,8 @@ class Server:
             router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting data connection takes its id back
             router.bind(self.config.listen)
             self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
-            self.core = ServerCore(self.id, self.name, self.endpoint, self.config.client_timeout)
+            self.core = ServerCore(self.id, self.name, self.endpoint, self.config.client_timeout,
+                                   server_limits(self.config))
             host, port = parse_endpoint(self.endpoint, "listen")
             self.reflector = Reflector(host, port).start()
             self.cluster = RaftCluster(self.id, self.name, self.endpoint, self.config)
@@ -143,6 +158,7 @@ class Server:
                 next_sweep = now + SWEEP_S
                 core.expire(now)
                 self.cluster.report(core.stats())
+                core.set_cluster_stats(self.cluster.server_stats())
             for conn in core.take_forgotten():
                 self._lost(conn)
             core.set_cluster(self.cluster.view())
@@ -158,6 +174,8 @@ class Server:
             return self._bad(conn, DropReason.OVERSIZED, f"a frame over max_frame={self.max_frame}")
         if len(frames) < 2:
             return self._bad(conn, DropReason.MALFORMED, "no header frame")
+        if len(frames[1]) > self.max_header:
+            return self._bad(conn, DropReason.OVERSIZED, f"a header frame over max_header={self.max_header}")
         try:
             header = wire.decode(frames[1].buffer)
         except wire.WireError as exc:
@@ -184,9 +202,19 @@ class Server:
 
     def _bad(self, conn: bytes, reason: DropReason, detail: str) -> None:
         self.core.drop(reason)
-        if conn not in self._warned and len(self._warned) < 10_000:
-            self._warned.add(conn)
-            log.warning("dropping frames from connection %s: %s (logged once per connection)", conn.hex(), detail)
+        if conn in self._warned:
+            return
+        if len(self._warned) >= MAX_WARNED:
+            self._warned.clear()
+        self._warned.add(conn)
+        if not self._log_budget.allow(b"", time.monotonic()):
+            self._log_suppressed += 1
+            return
+        more = f"; {self._log_suppressed} more connections sent bad frames since the last warning (see " \
+               f"zbus-node status)" if self._log_suppressed else ""
+        self._log_suppressed = 0
+        log.warning("dropping frames from connection %s: %s (logged once per connection%s)",
+                    conn.hex(), detail[:200], more)
 
     def _lost(self, conn: bytes) -> None:
         """The core forgot the client behind ``conn``: drop what still waits for it."""
@@ -207,7 +235,9 @@ class Server:
             self._send_now(router, conn, header, payload)
             return
         except zmq.Again:
-            pass
+            if not self.core.may_queue(conn):  # not a registered client: it does not read, we do not wait
+                self.core.drop(DropReason.CONGESTED)
+                return
         except zmq.ZMQError as exc:
             if exc.errno != errno.EHOSTUNREACH:
                 raise

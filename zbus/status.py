@@ -38,10 +38,17 @@ def render_status(reply: wire.StatusReply) -> None:
 
     console = Console()
     servers = Table(title=f"zbus cluster (asked {reply.self_id}; master {reply.master})")
-    for column in ("id", "name", "endpoint", "role", "alive", "clients"):
-        servers.add_column(column)
+    for column in ("id", "name", "endpoint", "role", "alive", "clients", "relayed msgs", "relayed bytes", "dropped"):
+        servers.add_column(column, justify="right" if column.startswith(("relayed", "dropped", "clients")) else "left")
+    total = wire.ServerStats()
     for s in reply.servers:
-        servers.add_row(s.id, s.name, s.endpoint, s.role, "yes" if s.alive else "no", str(s.clients))
+        st = reply.cluster_stats.get(s.id)
+        figures = ("?", "?", "?") if st is None else (
+            f"{st.relayed_msgs:,}", f"{st.relayed_bytes:,}", f"{sum(st.dropped.values()):,}")
+        if st is not None:
+            total = wire.ServerStats(total.clients + st.clients, total.relayed_msgs + st.relayed_msgs,
+                                     total.relayed_bytes + st.relayed_bytes)
+        servers.add_row(s.id, s.name, s.endpoint, s.role, "yes" if s.alive else "no", str(s.clients), *figures)
     console.print(servers)
     clients = Table(title=f"{len(reply.clients)} clients")
     for column in ("id", "name", "server"):
@@ -51,4 +58,5 @@ def render_status(reply: wire.StatusReply) -> None:
     console.print(clients)
     st = reply.stats
     dropped = ", ".join(f"{k}={v}" for k, v in sorted(st.dropped.items())) or "none"
-    console.print(f"relayed {st.relayed_msgs} messages, {st.relayed_bytes} bytes; dropped: {dropped}")
+    console.print(f"cluster: relayed {total.relayed_msgs:,} messages, {total.relayed_bytes:,} bytes")
+    console.print(f"this server: relayed {st.relayed_msgs:,} messages, {st.relayed_bytes:,} bytes; dropped: {dropped}")

@@ -16,6 +16,7 @@ Frames that break these rules are dropped and counted by the receiver (:class:`D
 from __future__ import annotations
 
 import enum
+import struct
 from typing import Union
 
 import msgspec
@@ -46,6 +47,9 @@ class DropReason(str, enum.Enum):
     MALFORMED = "malformed"  # wrong number of frames or a message that makes no sense here
     UNROUTABLE = "unroutable"  # a relay's destination is not connected (any more)
     UNREGISTERED = "unregistered"  # data from a connection that never said Hello
+    RATE_LIMITED = "rate_limited"  # a control message over its connection's rate (server: control_rate)
+    REFUSED = "refused"  # a Hello the server answered with an Error (server full, bad Id or name, Id in use)
+    CONGESTED = "congested"  # a reply not sent: the connection it was for does not read (its pipe is full)
 
 
 class WireError(Exception):
@@ -182,6 +186,7 @@ class StatusReply(_Msg):
     servers: list[ServerStatus]
     clients: list[ClientStatus]
     stats: ServerStats
+    cluster_stats: dict[str, ServerStats] = {}  # every live server's latest figures (this one's too), by Id
 
 
 # -- the cluster mesh (server <-> server, on each server's cluster endpoint; see docs/cluster.md) ----------
@@ -284,12 +289,108 @@ class Observed(_Msg):
     port: int
 
 
+class PunchRequest(_Msg):
+    """UDP, client punch socket -> server reflector: register this socket (``to`` = "") or ask for a
+    rendezvous with ``to``. The server learns the socket's public endpoint from the datagram itself.
+
+    ``private`` are the client's interface addresses (its LAN candidates, with ``port`` = the socket's
+    local port); ``hard`` is netcheck's ``mapping_varies``. The Id in ``frm`` is not authenticated yet
+    (see docs/nat.md). The server answers a registration with :class:`Observed` (same ``nonce``).
+    """
+
+    frm: str
+    to: str
+    nonce: bytes
+    private: list[str] = []
+    port: int = 0
+    hard: bool = False
+
+
+class PunchGo(_Msg):
+    """UDP, server -> both sides of a rendezvous: punch towards ``peer`` now.
+
+    ``candidates`` are the peer's "ip:port" endpoints (observed public first, then private);
+    ``role`` / ``peer_role`` are "open" (no NAT), "easy" (endpoint-independent mapping) or "hard";
+    ``secret`` keys the HMAC of every :class:`Punch` of this ``session``. ``refused`` non-empty: no
+    rendezvous (e.g. the peer is not registered) and says why.
+    """
+
+    peer: str
+    session: bytes
+    secret: bytes = b""
+    candidates: list[str] = []
+    role: str = "easy"
+    peer_role: str = "easy"
+    controlling: bool = False
+    refused: str = ""
+
+
+class Punch(_Msg):
+    """UDP, peer <-> peer: a punch packet (``kind``: see zbus/punch.py), authenticated by ``mac``."""
+
+    frm: str
+    to: str
+    session: bytes
+    kind: int
+    txid: bytes
+    mac: bytes
+
+
+class LinkHello(_Msg):
+    """Direct link, dialer -> listener's link ROUTER: I am ``id``; prove you are the Id I expect.
+
+    ``data_token`` (16 random bytes) is the routing id of the dialer's data connection: the
+    listener stamps ``id`` as the source of every Data that arrives from it (it accepts ``id`` only
+    if a server lists it). ``nonce`` must come back in the :class:`LinkWelcome`.
+    """
+
+    id: str
+    expected: str  # the Id the dialer means to reach; a listener with another Id refuses
+    nonce: bytes
+    data_token: bytes
+
+
+class LinkWelcome(_Msg):
+    """Listener -> dialer: the link is accepted; send Data to my data ROUTER at ``data_port``."""
+
+    id: str
+    nonce: bytes
+    data_port: int
+
+
+class LinkPing(_Msg):
+    """Dialer -> listener on the link's control connection (also its keepalive)."""
+
+    sent: float  # the dialer's clock; echoed back for the round-trip time
+
+
+class LinkPong(_Msg):
+    sent: float
+
+
+class LinkBye(_Msg):
+    """Dialer -> listener: this link is being closed (forget its data connection)."""
+
+
+class Ack(_Msg):
+    """Delivery layer (``zbus.delivery``): the receiver has delivered the stream's messages up to
+    ``upto`` (a cumulative sequence number, epoch included). Travels on the link control connection,
+    or tunnelled as a ``Data`` with ``seq`` = :data:`CONTROL_SEQ` whose payload is this header.
+    """
+
+    upto: int
+
+
+CONTROL_SEQ = -1  # Data.seq of a delivery-layer message (payload = an encoded Ack), never shown to users
+
+
 Header = Union[
-    Probe, Observed, Hello, Heartbeat, Bye, Welcome, NetState, ServerTable, ClientDelta, Resync, Data, Error, StatusRequest, StatusReply,
+    Probe, Observed, PunchRequest, PunchGo, Punch, Hello, Heartbeat, Bye, Welcome, NetState, ServerTable, ClientDelta, Resync, Data, Error, StatusRequest, StatusReply,
     ClusterHello, ClusterWho, PeerStatus, MasterQuery, MasterReply, ServerListQuery, ServerList,
     ClusterStatusRequest, ClusterStatusReply,
     RaftPreVote, RaftPreVoteResp, RaftVote, RaftVoteResp, RaftAppend, RaftAppendResp, RaftHeartbeat,
     RaftHeartbeatResp, RaftTimeoutNow,
+    LinkHello, LinkWelcome, LinkPing, LinkPong, LinkBye, Ack,
 ]
 
 _encoder = msgspec.msgpack.Encoder()
@@ -333,5 +434,32 @@ def status_to_json(reply: StatusReply) -> dict:
             for s in reply.servers
         ],
         "clients": [{"id": c.id, "name": c.name, "server": c.server} for c in reply.clients],
-        "stats": msgspec.to_builtins(reply.stats),
+        "stats": msgspec.structs.asdict(reply.stats),  # by field name (the Struct itself encodes as an array)
+        "cluster_stats": {server: msgspec.structs.asdict(st) for server, st in reply.cluster_stats.items()},
     }
+
+
+_SEQ = struct.Struct(">BQ")
+
+# Data on a direct link (client -> peer's link data ROUTER) needs no header: the link says who sends
+# to whom. A message is its 8-byte big-endian sequence number followed by the payload: in one frame
+# when the payload is at most LINK_INLINE_MAX bytes (one copy of a small payload is cheaper than a
+# second frame), else as two frames [seq, payload] with the payload frame untouched. Sequence
+# number LINK_CONTROL_SEQ (0) carries an encoded delivery-layer header (an Ack) instead of user data.
+LINK_SEQ = struct.Struct(">Q")
+LINK_INLINE_MAX = 16 * 1024
+LINK_CONTROL_SEQ = 0
+
+
+def data_header_prefix(dst: str) -> bytes:
+    """The encoded ``Data(dst, "", seq)`` header without its ``seq``: see :func:`data_header`."""
+    encoded = encode(Data(dst, "", 0))
+    return encoded[:-1]  # the trailing 0x00 is seq=0
+
+
+def data_header(prefix: bytes, seq: int) -> bytes:
+    """``encode(Data(dst, "", seq))`` for a non-negative ``seq``, built without msgspec (hot path).
+
+    ``seq`` is always written as msgpack uint64 (0xcf + 8 bytes); any msgpack decoder accepts it.
+    """
+    return prefix + _SEQ.pack(0xCF, seq)

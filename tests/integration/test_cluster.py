@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -146,3 +149,37 @@ def test_every_server_reports_the_client_count_of_every_server(start_server, cli
             {row.id: row.clients for row in query_status(s.endpoint).servers} == own for s in servers)
 
     wait_until(counts_agree, 5.0, "every server to see every server's client count")
+
+
+def test_any_server_shows_every_servers_relayed_figures_in_status(start_server, clients):
+    servers = start_chain(start_server, 3)
+    wait_until(lambda: settled(servers), 10.0, "one cluster")
+    sender = zbus.Client(servers=[servers[0].endpoint], name="sender", max_links=0)
+    clients.append(sender)
+    receiver = zbus.Client(servers=[servers[0].endpoint], name="receiver", max_links=0)
+    clients.append(receiver)
+    dst = sender.wait_peer("receiver", 10.0)
+    for i in range(100):
+        sender.send(dst, b"x" * 100)
+    for _ in range(100):
+        receiver.recv(timeout=5.0)
+
+    def relayed_everywhere() -> bool:
+        # Some server relayed (clients may pick any of the three); every server sees the same total.
+        totals = []
+        for s in servers:
+            reply = query_status(s.endpoint)
+            if set(reply.cluster_stats) != {x.id for x in servers}:
+                return False
+            totals.append(sum(st.relayed_msgs for st in reply.cluster_stats.values()))
+        return totals[0] >= 100 and len(set(totals)) == 1
+
+    wait_until(relayed_everywhere, 5.0, "every server to show every server's relayed figures")
+    out = subprocess.run([sys.executable, "-m", "zbus.cli", "status", "--server", servers[2].endpoint, "--json"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    shown = json.loads(out)["cluster_stats"]
+    assert set(shown) == {s.id for s in servers}
+    assert sum(figures["relayed_msgs"] for figures in shown.values()) >= 100
+    table = subprocess.run([sys.executable, "-m", "zbus.cli", "status", "--server", servers[2].endpoint],
+                           capture_output=True, text=True, timeout=30, check=True).stdout
+    assert "cluster: relayed" in table

@@ -37,4 +37,7 @@ class SoloCluster:
     def report(self, stats: wire.ServerStats) -> None:
         """This server's figures, for the master's cluster-wide statistics (nothing to do alone)."""
 
+    def server_stats(self) -> dict[str, wire.ServerStats]:
+        return {}
+
 __all__ = ["ClusterView", "RaftCluster", "SoloCluster"]

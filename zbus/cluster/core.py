@@ -189,11 +189,16 @@ class ClusterCore:
         return ClusterStatus(self.id, self.phase, self.cluster_id, self.view.master, self._member.status(),
                              live, tuple(self.table), dict(self.dropped))
 
+    def server_stats(self) -> dict[str, wire.ServerStats]:
+        """Every server's latest figures as heard in PeerStatus (the seed's Master statistics), ours too."""
+        stats = {self.id: self._stats}
+        stats.update((p.row.id, p.status.stats) for p in self.mesh.peers.values() if p.status is not None)
+        return stats
+
     def status_reply(self) -> wire.ClusterStatusReply:
         status = self.status()
         raft = status.raft
-        stats = {self.id: self._stats}
-        stats.update((p.row.id, p.status.stats) for p in self.mesh.peers.values() if p.status is not None)
+        stats = self.server_stats()
         return wire.ClusterStatusReply(
             self.id, status.cluster_id, status.phase.value, raft.role.value, raft.term, raft.leader or "",
             status.master, list(raft.voters), list(raft.learners), list(status.live), list(status.table),

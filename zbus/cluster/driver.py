@@ -97,6 +97,7 @@ class RaftCluster:
         alone = wire.ServerStatus(server_id, name, data_endpoint, "master", True, 0)
         self._view = ClusterView(1, server_id, (alone,))
         self._stats = wire.ServerStats()
+        self._server_stats: dict[str, wire.ServerStats] = {}
         self._stopping = threading.Event()
         self._bound = threading.Event()
         self._error: BaseException | None = None
@@ -123,6 +124,10 @@ class RaftCluster:
     def report(self, stats: wire.ServerStats) -> None:
         """This server's figures; sent to every peer with the next PeerStatus."""
         self._stats = stats
+
+    def server_stats(self) -> dict[str, wire.ServerStats]:
+        """Every live server's latest figures, by Id (a snapshot; replaced, never changed)."""
+        return self._server_stats
 
     # -- the thread ------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -178,6 +183,7 @@ class RaftCluster:
         while not self._stopping.is_set():
             self._execute(context, core, router, links, poller, by_socket)
             self._view = core.view
+            self._server_stats = core.server_stats()
             timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000) + 1)
             ready = dict(poller.poll(timeout_ms))
             now = time.monotonic()

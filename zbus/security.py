@@ -1,0 +1,216 @@
+"""Keys and identity: CurveZMQ key pairs bound to zbus Ids, trust lists, and the ZAP handler.
+
+With security on, every ZMQ connection is CurveZMQ (encrypted, the server end proves its key, the
+connecting end's key is checked by ZAP). A key file binds a key pair to one Id:
+
+    # C-….key  (secret: mode 0600)          # C-….pub  (public: copy it into the trust directory)
+    id = "C-…"                               id = "C-…"
+    public_key = "<z85, 40 chars>"           public_key = "<z85, 40 chars>"
+    secret_key = "<z85, 40 chars>"
+
+``zbus-node keygen`` writes both. A **trust directory** holds the ``.pub`` files of every node
+allowed in: the ZAP handler admits a connection only if its key is there, and stamps the Id bound
+to that key on the connection (ZMQ ``User-Id``), so a server can refuse a ``Hello`` that claims any
+other Id. Refusals are logged with the reason and counted.
+
+One ZAP handler serves a whole process (libzmq allows one per context); each socket that accepts
+CURVE clients registers a ZAP *domain* with its own trust list (:meth:`Zap.register`), so a server
+and a client in one process keep separate trust.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import msgspec
+import zmq
+import zmq.auth
+import zmq.auth.thread
+
+from .errors import ConfigError
+from .ids import is_client_id, is_server_id
+
+log = logging.getLogger("zbus.security")
+
+Z85_KEY_LEN = 40
+
+
+class KeyFile(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+    public_key: str
+    secret_key: str = ""
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    id: str
+    public: bytes  # z85
+    secret: bytes  # z85
+
+
+def _check_key(value: str, where: str) -> bytes:
+    try:
+        raw = zmq.utils.z85.decode(value.encode("ascii")) if len(value) == Z85_KEY_LEN else b""
+    except (ValueError, UnicodeEncodeError):
+        raw = b""
+    if len(raw) != 32:
+        raise ConfigError(f"{where}: {value[:12]!r}… is not a CurveZMQ key (expected 40 z85 characters)")
+    return value.encode("ascii")
+
+
+def read_key_file(path: str | os.PathLike, *, need_secret: bool) -> KeyPair:
+    """Load a ``.key`` (``need_secret``) or ``.pub`` file; errors name the file and the key."""
+    path = Path(path)
+    try:
+        entry = msgspec.toml.decode(path.read_bytes(), type=KeyFile)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: key file not found (make one with `zbus-node keygen`)") from None
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ConfigError(f"{path}: not a zbus key file: {exc}") from None
+    public = _check_key(entry.public_key, f"{path}: public_key")
+    if not need_secret:
+        return KeyPair(entry.id, public, b"")
+    if not entry.secret_key:
+        raise ConfigError(f"{path}: secret_key missing (this is a public .pub file; give the .key file)")
+    secret = _check_key(entry.secret_key, f"{path}: secret_key")
+    if zmq.curve_public(secret) != public:
+        raise ConfigError(f"{path}: public_key does not belong to secret_key")
+    return KeyPair(entry.id, public, secret)
+
+
+def keygen(directory: str | os.PathLike, node_id: str) -> tuple[Path, Path]:
+    """Write ``<id>.key`` (0600) and ``<id>.pub`` into ``directory``; return their paths."""
+    if not (is_client_id(node_id) or is_server_id(node_id)):
+        raise ConfigError(f"keygen: {node_id!r} is not C-<uuid4> or S-<uuid4>")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    public, secret = (key.decode("ascii") for key in zmq.curve_keypair())
+    pub_path, key_path = directory / f"{node_id}.pub", directory / f"{node_id}.key"
+    # z85 has no quote or backslash, and Ids are checked above: plain TOML strings are safe.
+    pub_path.write_text(f'id = "{node_id}"\npublic_key = "{public}"\n')
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(f'id = "{node_id}"\npublic_key = "{public}"\nsecret_key = "{secret}"\n')
+    return pub_path, key_path
+
+
+def read_trust_dir(directory: str | os.PathLike) -> dict[bytes, str]:
+    """Every ``*.pub`` in ``directory``: z85 public key -> the Id it is bound to."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: trust directory not found (put the nodes' .pub files there)")
+    trusted: dict[bytes, str] = {}
+    for path in sorted(directory.glob("*.pub")):
+        pair = read_key_file(path, need_secret=False)
+        if pair.public in trusted and trusted[pair.public] != pair.id:
+            raise ConfigError(f"{path}: the same public key is bound to {trusted[pair.public]} too")
+        trusted[pair.public] = pair.id
+    return trusted
+
+
+class _Authenticator(zmq.auth.thread.ThreadAuthenticator):
+    """pyzmq's ZAP thread, with per-domain trust lists and key -> Id as the connection's User-Id."""
+
+    def __init__(self, context: zmq.Context, zap: "Zap") -> None:
+        super().__init__(context, log=log)
+        self._zap = zap
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        key = zmq.utils.z85.encode(client_public_key)
+        return self._zap.identity_of(key) or ""
+
+
+class _Provider:
+    """``configure_curve_callback`` hook: is this key trusted in this domain?"""
+
+    def __init__(self, zap: "Zap") -> None:
+        self._zap = zap
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return self._zap.admit(domain, key)
+
+
+class Zap:
+    """The process's ZAP handler: domains (one per accepting socket) with their trust lists."""
+
+    _instances: dict[int, "Zap"] = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def for_context(cls, context: zmq.Context) -> "Zap":
+        with cls._lock:
+            zap = cls._instances.get(id(context))
+            if zap is None:
+                zap = cls._instances[id(context)] = cls(context)
+            return zap
+
+    def __init__(self, context: zmq.Context) -> None:
+        self._domains: dict[str, Mapping[bytes, str]] = {}
+        self._ids: dict[bytes, str] = {}
+        self.refused: dict[str, int] = {}  # domain -> connections refused
+        self._state = threading.Lock()
+        self._auth = _Authenticator(context, self)
+        self._auth.start()
+        self._auth.configure_curve_callback("*", _Provider(self))
+
+    @classmethod
+    def shutdown(cls, context: zmq.Context) -> None:
+        """Stop the ZAP handler of ``context`` (before terminating the context)."""
+        with cls._lock:
+            zap = cls._instances.pop(id(context), None)
+        if zap is not None:
+            zap._auth.stop()
+
+    def register(self, domain: str, trusted: Mapping[bytes, str]) -> None:
+        with self._state:
+            self._domains[domain] = dict(trusted)
+            self._auth.configure_curve_callback(domain, _Provider(self))
+
+    def unregister(self, domain: str) -> None:
+        with self._state:
+            self._domains.pop(domain, None)
+
+    def admit(self, domain: str, key: bytes) -> bool:
+        with self._state:
+            trusted = self._domains.get(domain)
+            node = trusted.get(key) if trusted is not None else None
+            if node is None:
+                self.refused[domain] = self.refused.get(domain, 0) + 1
+                why = "unknown domain" if trusted is None else "key not in the trust list"
+                log.warning("refused a CURVE connection to %s: %s (key %s…)", domain, why, key[:8].decode())
+                return False
+            self._ids[key] = node
+            return True
+
+    def identity_of(self, key: bytes) -> str | None:
+        with self._state:
+            return self._ids.get(key)
+
+
+def secure_server(sock: zmq.Socket, own: KeyPair, domain: str, trusted: Mapping[bytes, str]) -> None:
+    """Make ``sock`` (before bind) a CURVE server whose clients must be in ``trusted``."""
+    Zap.for_context(sock.context).register(domain, trusted)
+    sock.zap_domain = domain.encode()
+    sock.curve_server = True
+    sock.curve_publickey = own.public
+    sock.curve_secretkey = own.secret
+
+
+def secure_client(sock: zmq.Socket, own: KeyPair, server_public: bytes) -> None:
+    """Make ``sock`` (before connect) a CURVE client of a server whose public key is ``server_public``."""
+    sock.curve_serverkey = server_public
+    sock.curve_publickey = own.public
+    sock.curve_secretkey = own.secret
+
+
+def peer_id(frame: zmq.Frame) -> str:
+    """The Id bound to the key of the connection a frame came over ("" without CURVE)."""
+    try:
+        return frame.get("User-Id") or ""
+    except zmq.ZMQError:
+        return ""
