@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import zmq
 
 from . import sockets, wire
@@ -36,10 +38,11 @@ def render_status(reply: wire.StatusReply) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=200)  # piped: no 80-column squeeze
     servers = Table(title=f"zbus cluster (asked {reply.self_id}; master {reply.master})")
     for column in ("id", "name", "endpoint", "role", "alive", "clients", "relayed msgs", "relayed bytes", "dropped"):
-        servers.add_column(column, justify="right" if column.startswith(("relayed", "dropped", "clients")) else "left")
+        servers.add_column(column, overflow="fold",  # wrap, never elide: ids and names must stay whole
+                           justify="right" if column.startswith(("relayed", "dropped", "clients")) else "left")
     total = wire.ServerStats()
     for s in reply.servers:
         st = reply.cluster_stats.get(s.id)
@@ -52,7 +55,7 @@ def render_status(reply: wire.StatusReply) -> None:
     console.print(servers)
     clients = Table(title=f"{len(reply.clients)} clients")
     for column in ("id", "name", "server"):
-        clients.add_column(column)
+        clients.add_column(column, overflow="fold")
     for c in reply.clients:
         clients.add_row(c.id, c.name, c.server)
     console.print(clients)

@@ -181,7 +181,12 @@ def run_punch(a_kind: str, b_kind: str, seed: int, loss: float = 0.0, same_nat: 
         drain(net, sides, server_receive, until=net.now + 0.25)
         if sides["b"].registered:
             break
-    for _ in range(8):  # a asks until a PunchGo arrives, and renews for 2 s (punch_udp.RENEW_FOR_S)
+    for _ in range(20):  # a asks until its PunchGo arrives (as the driver does)...
+        request(sides["a"], "C-b")
+        drain(net, sides, server_receive, until=net.now + 0.25, limits=limits)
+        if sides["a"].session is not None:
+            break
+    for _ in range(8):  # ...then renews for 2 s (punch_udp.RENEW_FOR_S) in case b's PunchGo was lost
         request(sides["a"], "C-b")
         drain(net, sides, server_receive, until=net.now + 0.25, limits=limits)
     end = net.now + horizon
