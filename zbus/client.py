@@ -5,44 +5,45 @@ connection. The user's threads own the two data connections: ``send`` writes the
 the payload straight onto the ``data_out`` DEALER, ``recv`` reads them straight off the ``data_in``
 DEALER, so a message crosses no thread inside a client. Their routing ids are random per client and
 announced to the server in the Hello, which is how the server stamps the source Id.
+
+Direct links (:mod:`zbus.links`) work the same way: ``send`` writes on the link's data DEALER,
+``recv`` reads the client's link data ROUTER, where the source is the Id the link's handshake
+authenticated (never the header's). Every message carries a per-destination sequence number
+(:mod:`zbus.delivery`): the receiver delivers in order and exactly once whatever path each message
+took, and the sender repeats unacknowledged messages when the path changes. The send and receive
+paths themselves live in :mod:`zbus.dataplane`; this module is the API, lookups and lifecycle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import random
 import threading
 import time
+import types
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import zmq
 import zmq.asyncio
+import zmq.backend
 
 from . import sockets, wire
 from .config import ClientConfig, load_client_config
+from .dataplane import _LINK_SEQ_PACK, _MORE, _NO_SOCKET, _NOBLOCK_MORE, _SEND_COPY, _SEQ_PACK, DataPlane, Message, _Call
+from .delivery import Receiver, Sender
 from .engine import Engine
-from .errors import Disconnected, IdInUse, Unreachable, ZbusError
+from .errors import IdInUse, Unreachable, ZbusError
 from .ids import new_client_id
 from .relay import TOKEN_BYTES
 from .routing import Routes, choose_path
-from .sockets import recv_frames_rest
-from .wire import DropReason
+from .wire import LINK_INLINE_MAX
 
-_HEADER_CACHE_MAX = 4096
 _SLICE_MS = 200  # blocking calls wake this often so Ctrl-C, close() and lost servers get through
 _CLOSE_LINGER_MS = 2000  # how long close() lets already-sent messages drain to the servers
 _BYE = wire.encode(wire.Bye())
-_MORE = int(zmq.SNDMORE)
-_NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq's IntFlag arithmetic costs more than a small send
-_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
-
-
-class Message(NamedTuple):
-    src: str  # the sender's Id, as stamped by the path it came over
-    data: bytes
-    via: str  # "direct" | "punched" | "relay"
 
 
 class Peer(NamedTuple):
@@ -78,7 +79,7 @@ class ClientStatus:
     dropped: dict[str, int]
 
 
-class _ClientBase:
+class _ClientBase(DataPlane):
     """What both clients share: config, Id, engine, data sockets, path choice and lookups."""
 
     def __init__(
@@ -100,73 +101,32 @@ class _ClientBase:
         self.id: str = self.config.id or new_client_id()
         self.name: str = self.config.name
         data_in, data_out = _token(), _token()
-        self._engine = Engine(self.id, self.config, data_in, data_out)
+        self._tx_lock = threading.Lock()  # whoever writes on data sockets (user send, engine upkeep)
+        self._engine = Engine(self.id, self.config, data_in, data_out, self._tx_lock)
+        self._engine.on_tick = self._upkeep
         self._rng = random.Random()
-        self._headers: dict[str, bytes] = {}
+        self._prefixes: dict[str, bytes] = {}
+        self._sender = Sender(self._rng, self.config.max_unacked, self.config.max_unacked_bytes)
+        self._receiver = Receiver(self.config.max_reorder, self.config.max_reorder_bytes)
+        self._max_frame = self.config.max_frame
+        # bound once, to the backend's recv (the hot path reads two frames per message)
+        self._link_recv = types.MethodType(zmq.backend.Socket.recv, self._engine.link_in)
+        self._link_in = self._engine.link_in
+        self._ready: collections.deque[Message] = collections.deque()  # released from the reorder buffer
+        self._wanted: set[str] = set()
+        self._tunneled_at: dict[str, float] = {}  # source -> when we last tunnelled it an ack
+        # dst -> (routes, socket, header prefix, stream) of its last send: while the engine's Routes
+        # are the very same object, the path is too, and send skips path choice (the hot path).
+        self._fast: dict[str, tuple] = {}
         self._closed = False
         self.dropped: dict[str, int] = {}
         self._ctl = sockets.context().socket(zmq.PAIR)
         self._ctl.connect(self._engine.ctl_endpoint)
         self._polled: tuple = ()  # the engine's data sockets our poller was built for
+        self._hot: zmq.Socket | None = None  # the data socket that delivered last (read first)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} name={self.name!r}>"
-
-    # -- data plane (user threads) ----------------------------------------------------------
-    def _route(self, dst: str) -> tuple[zmq.Socket, int, bytes]:
-        if self._closed:
-            raise ZbusError(f"{self.id} is closed")
-        index = choose_path(dst, self._engine.routes, self._rng)
-        header = self._headers.get(dst)
-        if header is None:
-            if len(self._headers) >= _HEADER_CACHE_MAX:
-                self._headers.clear()
-            header = self._headers[dst] = wire.encode(wire.Data(dst))
-        return self._engine.data[index].out, index, header
-
-    def _still_routed(self, index: int) -> None:
-        """After a send timed out: raise if the server went away, else it is backpressure."""
-        if self._closed:
-            raise ZbusError(f"{self.id} is closed")
-        if index not in self._engine.routes.registered:
-            raise Disconnected(f"lost server {self._engine.routes.endpoints[index]} while sending")
-
-    def _try_recv(self) -> Message | None:
-        """A message if one is waiting on any data socket, without blocking.
-
-        The hot path of every receive: two frame reads, one header decode, no thread hop.
-        """
-        for data in self._engine.data:
-            sock = data.inn
-            while True:
-                try:
-                    head = sock.recv(_NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                if not head.more:
-                    self._drop(DropReason.MALFORMED)
-                    continue
-                payload = sock.recv(_NOBLOCK, copy=False)
-                if payload.more:
-                    recv_frames_rest(sock)
-                    self._drop(DropReason.MALFORMED)
-                    continue
-                if len(payload) > self.config.max_frame:
-                    self._drop(DropReason.OVERSIZED)
-                    continue
-                try:
-                    header = wire.decode(head.buffer)
-                except wire.WireError as exc:
-                    self._drop(exc.reason)
-                    continue
-                if header.__class__ is not wire.Data:
-                    self._drop(DropReason.MALFORMED)
-                    continue
-                return Message(header.src, payload.bytes, "relay")
-        return None
-
-    def _drop(self, reason: DropReason) -> None:
-        self.dropped[reason.value] = self.dropped.get(reason.value, 0) + 1
 
     # -- lookups ----------------------------------------------------------------------------
     def _status(self) -> ClientStatus:
@@ -182,11 +142,19 @@ class _ClientBase:
                             engine.control_bytes, dropped)
 
     def _peers(self) -> dict[str, Peer]:
+        """The link table: each known peer with the path a message to it would take now."""
         routes = self._engine.routes
-        return {
-            client_id: Peer(info.name, "relay", routes.endpoints[routes.holders[client_id][0]], None)
-            for client_id, info in routes.clients.items()
-        }
+        peers = {}
+        for client_id, info in routes.clients.items():
+            link = routes.links.get(client_id)
+            if link is not None:
+                peers[client_id] = Peer(info.name, link.kind, link.address, link.rtt)
+            else:
+                peers[client_id] = Peer(info.name, "relay", routes.endpoints[choose_path(client_id, routes)], None)
+        for peer, link in routes.links.items():
+            if peer not in peers:
+                peers[peer] = Peer("", link.kind, link.address, link.rtt)
+        return peers
 
     def _resolve(self, name_or_id: str) -> str:
         routes = self._engine.routes
@@ -225,6 +193,7 @@ class _ClientBase:
                     pass
             data.out.close(linger=_CLOSE_LINGER_MS)
             data.inn.close(linger=0)
+        self._engine.close_link_data()
         self._ctl.close(linger=0)
 
     def _poll_set_changed(self) -> bool:
@@ -245,7 +214,6 @@ class Client(_ClientBase):
 
     def __init__(self, servers: list[str] | None = None, name: str | None = None, **kwargs: Any) -> None:
         super().__init__(servers, name, **kwargs)
-        self._tx_lock = threading.Lock()
         self._rx_lock = threading.Lock()
         self._poller = zmq.Poller()
         self._engine.start()
@@ -261,41 +229,76 @@ class Client(_ClientBase):
 
         Raises ``Unreachable`` if no path to ``dst`` is known, ``Disconnected`` if no server is.
         """
-        sock, index, header = self._route(dst)
         with self._tx_lock:
-            while True:
-                try:
-                    sock.send(header, _MORE)  # blocks up to SNDTIMEO on a full pipe
-                    break
+            fast = self._fast.get(dst)
+            if fast is not None and fast[0] is self._engine.routes and not self._closed:
+                _, sock, prefix, stream = fast  # same Routes, so the same path: no choice to make
+                seq = stream.push(data, len(data))
+                try:  # _put, inlined; blocks up to SNDTIMEO on a full pipe
+                    if prefix is None and 0 < len(data) <= LINK_INLINE_MAX:
+                        _SEND_COPY(sock, _LINK_SEQ_PACK(seq) + data, 0)
+                    else:
+                        _SEND_COPY(sock, _LINK_SEQ_PACK(seq) if prefix is None else prefix + _SEQ_PACK(0xCF, seq), _MORE)
+                        sock.send(data, 0, copy=False)
+                    return
                 except zmq.Again:
-                    self._still_routed(index)
-            sock.send(data, 0, copy=False)  # the rest of a message never blocks
+                    call = _Call(stream)
+                    call.seq = seq
+            else:
+                if self._closed:
+                    raise ZbusError(f"{self.id} is closed")
+                call = _Call(self._sender.streams.get(dst) or self._sender.stream(dst))
+            while True:
+                full = self._attempt(dst, data, call, _MORE)  # blocks up to SNDTIMEO on a full pipe
+                if full is None:
+                    return
+                if self._closed:
+                    raise ZbusError(f"{self.id} is closed")
+                if full is _NO_SOCKET:
+                    routes = self._engine.routes
+                    self._engine.wait_for(lambda r: r is not routes, 0.05)
 
     def recv(self, timeout: float | None = None) -> Message:
         """The next message; raise ``TimeoutError`` after ``timeout`` seconds (None: wait forever)."""
         with self._rx_lock:
-            if not self._closed:
-                message = self._try_recv()
+            if self._hot is self._link_in and not self._ready and not self._closed:
+                message = self._read_link()  # a stream over a link: straight to its socket
                 if message is not None:
                     return message
-            deadline = None if timeout is None else time.monotonic() + timeout
+            deadline = None
             while True:
                 if self._closed:
                     raise ZbusError(f"{self.id} is closed")
                 message = self._try_recv()
                 if message is not None:
                     return message
+                if deadline is None and timeout is not None:
+                    deadline = time.monotonic() + timeout
                 if self._poll_set_changed():
                     self._poller = zmq.Poller()
+                    self._poller.register(self._engine.link_in, zmq.POLLIN)
                     for data in self._polled:
                         self._poller.register(data.inn, zmq.POLLIN)
                 left_ms = _SLICE_MS if deadline is None else int(max(0.0, deadline - time.monotonic()) * 1000)
-                if not self._poller.poll(min(left_ms, _SLICE_MS)) and deadline is not None \
-                        and time.monotonic() >= deadline:
+                ready = self._poller.poll(min(left_ms, _SLICE_MS))
+                if ready:
+                    self._hot = ready[0][0]
+                elif deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"no message within {timeout}s")
 
     def peers(self) -> dict[str, Peer]:
         return self._peers()
+
+    def set_max_links(self, max_links: int) -> None:
+        """Change how many direct links this client keeps (0: relay only, closing every link)."""
+        if max_links < 0:
+            raise ValueError(f"max_links must be >= 0, not {max_links}")
+        self._engine.set_max_links(max_links)
+
+    def wait_link(self, name_or_id: str, timeout: float = 5.0) -> bool:
+        """Wait until a direct link to ``name_or_id`` is up (the peer must have been sent to)."""
+        return self._engine.wait_for(lambda r: self._knows(name_or_id) and self._resolve(name_or_id) in r.links,
+                                     timeout)
 
     def status(self) -> ClientStatus:
         return self._status()
@@ -345,7 +348,6 @@ class AsyncClient(_ClientBase):
     def __init__(self, servers: list[str] | None = None, name: str | None = None, **kwargs: Any) -> None:
         super().__init__(servers, name, **kwargs)
         self._poller = zmq.asyncio.Poller()
-        self._tx_lock = asyncio.Lock()
 
     async def start(self) -> "AsyncClient":
         if not self._engine._started:
@@ -359,16 +361,22 @@ class AsyncClient(_ClientBase):
         return self
 
     async def send(self, dst: str, data: bytes) -> None:
-        sock, index, header = self._route(dst)
-        async with self._tx_lock:
-            while True:
-                try:
-                    sock.send(header, _NOBLOCK_MORE)
-                    break
-                except zmq.Again:
-                    self._still_routed(index)
-                await zmq.asyncio.Socket.shadow(sock.underlying).poll(_SLICE_MS, zmq.POLLOUT)
-            sock.send(data, 0, copy=False)
+        call = None
+        while True:
+            if self._closed:
+                raise ZbusError(f"{self.id} is closed")
+            with self._tx_lock:  # held only between awaits, never across one
+                if call is None:
+                    call = _Call(self._sender.streams.get(dst) or self._sender.stream(dst))
+                full = self._attempt(dst, data, call, _NOBLOCK_MORE)
+            if full is None:
+                return
+            if full is _NO_SOCKET or not any(full is data.out for data in self._engine.data):
+                # A link's socket may be closed by the engine once we let go of the lock, so it is
+                # never waited on outside it: retry shortly instead.
+                await asyncio.sleep(0.002)
+                continue
+            await zmq.asyncio.Socket.shadow(full.underlying).poll(_SLICE_MS, zmq.POLLOUT)
 
     async def recv(self, timeout: float | None = None) -> Message:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -380,6 +388,7 @@ class AsyncClient(_ClientBase):
                 return message
             if self._poll_set_changed():
                 self._poller = zmq.asyncio.Poller()
+                self._poller.register(zmq.asyncio.Socket.shadow(self._engine.link_in.underlying), zmq.POLLIN)
                 for data in self._polled:
                     self._poller.register(zmq.asyncio.Socket.shadow(data.inn.underlying), zmq.POLLIN)
             left_ms = _SLICE_MS if deadline is None else int(max(0.0, deadline - time.monotonic()) * 1000)
@@ -389,6 +398,17 @@ class AsyncClient(_ClientBase):
 
     async def peers(self) -> dict[str, Peer]:
         return self._peers()
+
+    def set_max_links(self, max_links: int) -> None:
+        """Change how many direct links this client keeps (0: relay only, closing every link)."""
+        if max_links < 0:
+            raise ValueError(f"max_links must be >= 0, not {max_links}")
+        self._engine.set_max_links(max_links)
+
+    async def wait_link(self, name_or_id: str, timeout: float = 5.0) -> bool:
+        """Wait until a direct link to ``name_or_id`` is up (the peer must have been sent to)."""
+        return await asyncio.to_thread(
+            self._engine.wait_for, lambda r: self._knows(name_or_id) and self._resolve(name_or_id) in r.links, timeout)
 
     async def status(self) -> ClientStatus:
         return self._status()

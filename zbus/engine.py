@@ -5,15 +5,25 @@ monitor socket on each, feeds connection events and control headers to the pure
 :class:`~zbus.client_core.ClientCore` (Hello, Heartbeat, client lists), and publishes the immutable
 :class:`~zbus.routing.Routes` snapshot that user threads choose paths from. User data never passes
 through this thread: the user's threads own the data sockets (see :mod:`zbus.client`).
+
+It also runs the client's direct links (:mod:`zbus.links`): the link ROUTER bound at ``listen``
+(handshakes, pings, acks from peers that dialed us) and one control DEALER per peer we dialed. The
+link *data* sockets belong to user threads: the data ROUTER that peers' data connections arrive on
+(read by ``recv``) and one data DEALER per up link (written by ``send``). The engine creates them,
+publishes them copy-on-write (``link_out``), and closes a link's DEALER only under the send lock
+after the Routes that named it were replaced.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import random
 import socket
 import threading
 import time
 import uuid
+from types import MappingProxyType
 from typing import Callable, NamedTuple
 
 import zmq
@@ -23,6 +33,8 @@ from . import netinfo, sockets, wire
 from .sockets import recv_frames
 from .client_core import ClientCore
 from .config import ClientConfig
+from .errors import ConfigError
+from .links import Close, Dial, LinkCore, OpenData, Reply, SendLink
 from .routing import Routes
 from .wire import DropReason
 
@@ -44,13 +56,48 @@ class DataSockets(NamedTuple):
 
 
 class Engine:
-    def __init__(self, client_id: str, config: ClientConfig, data_in: bytes, data_out: bytes) -> None:
+    def __init__(self, client_id: str, config: ClientConfig, data_in: bytes, data_out: bytes,
+                 tx_lock: threading.Lock | None = None) -> None:
         self.client_id = client_id
         self.config = config
+        self.tx_lock = tx_lock or threading.Lock()  # held by whoever writes on data sockets
         self._data_ids = (data_in, data_out)
+        ctx = sockets.context()
+        # The link ROUTER (engine thread) at `listen`, and the link data ROUTER (user threads' recv)
+        # on the same interface: peers' data connections arrive there, routing id = their token.
+        self._link_router = sockets.tune(ctx.socket(zmq.ROUTER), max_frame=config.max_frame)
+        self.link_in = sockets.tune(ctx.socket(zmq.ROUTER), max_frame=config.max_frame)
+        try:
+            self._link_router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            self._link_router.bind(config.listen)
+            self.listen_endpoint = self._link_router.getsockopt_string(zmq.LAST_ENDPOINT)
+            host = self.listen_endpoint.removeprefix("tcp://").rpartition(":")[0]
+            self.link_in.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            self.link_in.bind(f"tcp://{host}:0")
+        except zmq.ZMQError as exc:
+            self._link_router.close(linger=0)
+            self.link_in.close(linger=0)
+            raise ConfigError(f"client.listen: cannot bind {config.listen}: {exc}; "
+                              "expected a free tcp://ip:port of this host (port 0: any free port)") from None
         # One entry per server session, same index; replaced (never mutated) when a server is learnt.
         self.data: tuple[DataSockets, ...] = tuple(self._open_data(ep) for ep in config.servers)
-        net = wire.NetState(private=netinfo.private_addresses())
+        data_port = int(self.link_in.getsockopt_string(zmq.LAST_ENDPOINT).rpartition(":")[2])
+        self.links = LinkCore(client_id, random.Random(), config.max_links, data_port)
+        self.link_out: dict[str, zmq.Socket] = {}  # peer -> data DEALER (replaced, never mutated)
+        self.tokens: dict[bytes, str] = {}  # data token on link_in -> peer Id (replaced, never mutated)
+        self.acked: dict[str, int] = {}  # destination -> highest Ack heard (written by any thread)
+        self.wanted: list[str] = []  # destinations the user sent to by relay (appended by user threads)
+        self._wanted_seen = 0
+        self._link_ctl: dict[str, zmq.Socket] = {}  # peer -> control DEALER of a link we dialed
+        self._graveyard: list[zmq.Socket] = []  # link data DEALERs to close under the send lock
+        self._max_links_request: int | None = None
+        self._pending_link_actions: list = []  # from link control messages, applied in _run_links
+        self._planned_for: Routes | None = None  # the Routes the last link plan looked at
+        self._next_plan = 0.0
+        # The client's delivery upkeep (acks, retransmissions), run on this thread; returns when
+        # it wants to run next (None: when something else wakes the loop).
+        self.on_tick: Callable[[float], float | None] = lambda now: None
+        net = wire.NetState(private=netinfo.private_addresses(), listen=self.listen_endpoint)
         self.core = ClientCore(client_id, config.name, net, list(config.servers), uuid.uuid4().hex,
                                data_in, data_out)
         self.routes: Routes = self.core.routes()
@@ -88,6 +135,14 @@ class Engine:
             self._thread.join()
         else:
             self._ctl.close(linger=0)
+            self._link_router.close(linger=0)
+
+    def close_link_data(self) -> None:
+        """After stop(), with the user's locks held: close the user-side link sockets."""
+        for sock in [self.link_in, *self.link_out.values(), *self._graveyard]:
+            sock.close(linger=0)
+        self.link_out = {}
+        self._graveyard.clear()
 
     def wait_for(self, predicate: Callable[[Routes], bool], timeout: float) -> bool:
         """Block until ``predicate(routes)`` holds or ``timeout`` passes (for user threads)."""
@@ -95,10 +150,49 @@ class Engine:
             return self.changed.wait_for(lambda: predicate(self.routes), timeout)
 
     def _publish(self) -> None:
-        if self.core.changed:
+        if self.core.changed or self.links.changed:
+            links_changed = self.links.changed
+            self.links.changed = False
             with self.changed:
-                self.routes = self.core.routes()
+                routes = self.core.routes()
+                if links_changed:
+                    self.tokens = self.links.tokens()
+                    routes = dataclasses.replace(routes, links=MappingProxyType(self.links.up_links()))
+                else:
+                    routes = dataclasses.replace(routes, links=self.routes.links)
+                self.routes = routes
                 self.changed.notify_all()
+        if self._graveyard and self.tx_lock.acquire(blocking=False):
+            try:  # no user thread can hold these sockets now: the Routes naming them are gone
+                for sock in self._graveyard:
+                    sock.close(linger=0)
+                self._graveyard.clear()
+            finally:
+                self.tx_lock.release()
+
+    def set_max_links(self, max_links: int) -> None:
+        """Change ``max_links`` at run time (0 closes every link); applied by the engine thread."""
+        self._max_links_request = max_links
+
+    def ack_via_link(self, peer: str, header: bytes) -> bool:
+        """Engine thread: send a delivery Ack to ``peer`` on a link's control connection, if any."""
+        dealer = self._link_ctl.get(peer)
+        link = self.links.out.get(peer)
+        try:
+            if dealer is not None and link is not None and link.state == "up":
+                dealer.send(header, zmq.NOBLOCK)
+                return True
+            conn = self.links.incoming_conn(peer)
+            if conn is not None:
+                self._link_router.send_multipart([conn, header], zmq.NOBLOCK)
+                return True
+        except zmq.ZMQError:
+            pass
+        return False
+
+    def _note_ack(self, peer: str, ack: wire.Ack) -> None:
+        if ack.upto > self.acked.get(peer, 0):
+            self.acked[peer] = ack.upto
 
     def _drop(self, reason: DropReason) -> None:
         self.dropped[reason.value] = self.dropped.get(reason.value, 0) + 1
@@ -118,8 +212,9 @@ class Engine:
             for dealer in dealers:
                 dealer.disable_monitor()
                 dealer.close(linger=0)
-            for sock in [*monitors, self._ctl]:
+            for sock in [*monitors, self._ctl, self._link_router, *self._link_ctl.values()]:
                 sock.close(linger=0)
+            self._link_ctl.clear()
             with self.changed:
                 self.routes = Routes(endpoints=self.routes.endpoints)
                 self.changed.notify_all()
@@ -147,7 +242,7 @@ class Engine:
     def _loop(self, dealers: list[zmq.Socket], monitors: list[zmq.Socket]) -> None:
         core = self.core
         poller = zmq.Poller()
-        for sock in (self._ctl, *dealers, *monitors):
+        for sock in (self._ctl, *dealers, *monitors, self._link_router):
             poller.register(sock, zmq.POLLIN)
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # one socket: see netcheck.py
         udp.bind(("0.0.0.0", 0))
@@ -162,14 +257,21 @@ class Engine:
     def _loop_with(self, poller: zmq.Poller, dealers: list[zmq.Socket], monitors: list[zmq.Socket],
                    udp: socket.socket, next_address_check: float) -> None:
         core = self.core
+        upkeep_at: float | None = 0.0
         while True:
             now = time.monotonic()
-            deadline = core.next_deadline()
+            deadlines = [t for t in (core.next_deadline(), self.links.next_deadline(), upkeep_at) if t is not None]
+            deadline = min(deadlines) if deadlines else None
             timeout = MAX_IDLE_MS if deadline is None else int((deadline - now) * 1000) + 1
             events = dict(poller.poll(max(0, min(timeout, MAX_IDLE_MS))))
             now = time.monotonic()
-            if self._ctl in events:
-                return
+            if self._ctl in events and self._ctl.recv() == b"stop":
+                return  # (else a poke: the user sent to a new peer by relay; see _run_links)
+            if self._link_router in events:
+                self._drain_link_router(now)
+            for peer, dealer in list(self._link_ctl.items()):
+                if dealer in events:
+                    self._drain_link(peer, dealer, now)
             for index, monitor in enumerate(monitors):
                 if monitor in events:
                     self._on_monitor(monitor, index, dealers, now)
@@ -188,6 +290,115 @@ class Engine:
                 for index, header in core.set_private(netinfo.private_addresses()):
                     self._send_control(dealers[index], header)
             self._publish()
+            self._run_links(poller, now)
+            self._publish()
+            if upkeep_at is None or now >= upkeep_at or self._link_router in events:
+                upkeep_at = self.on_tick(now)
+
+    # -- direct links -----------------------------------------------------------------------
+    def _run_links(self, poller: zmq.Poller, now: float) -> None:
+        links = self.links
+        if self._max_links_request is not None:
+            links.set_max_links(self._max_links_request)
+            self._max_links_request = None
+            self._next_plan = now
+        wanted = self.wanted
+        if len(wanted) > self._wanted_seen:
+            links.want(wanted[self._wanted_seen:])
+            self._wanted_seen = len(wanted)
+            self._next_plan = now
+        actions, self._pending_link_actions = self._pending_link_actions, []
+        actions += links.tick(now)
+        if actions or self.routes is not self._planned_for or now >= self._next_plan:
+            # (re)consider which links to keep: on any change, and each second for retries
+            self._planned_for, self._next_plan = self.routes, now + 1.0
+            actions += links.plan(self.routes.clients, now)
+        self._apply_links(poller, actions)
+
+    def _apply_links(self, poller: zmq.Poller, actions: list) -> None:
+        ctx = sockets.context()
+        for action in actions:
+            if action.__class__ is SendLink:
+                dealer = self._link_ctl.get(action.peer)
+                if dealer is not None:
+                    self._send_control(dealer, action.header)
+            elif action.__class__ is Reply:
+                try:
+                    self._link_router.send_multipart([action.conn, action.header], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # that connection is gone
+            elif action.__class__ is Dial:
+                dealer = sockets.tune(ctx.socket(zmq.DEALER), max_frame=self.config.max_frame)
+                dealer.connect(action.address)
+                dealer.send(action.hello, zmq.NOBLOCK)  # queued until connected
+                self._link_ctl[action.peer] = dealer
+                poller.register(dealer, zmq.POLLIN)
+            elif action.__class__ is OpenData:
+                out = sockets.tune(ctx.socket(zmq.DEALER), max_frame=self.config.max_frame)
+                out.setsockopt(zmq.ROUTING_ID, action.token)
+                out.setsockopt(zmq.IMMEDIATE, 1)
+                out.setsockopt(zmq.SNDTIMEO, SEND_SLICE_MS)
+                out.connect(action.endpoint)
+                self.link_out = {**self.link_out, action.peer: out}
+                log.info("client %s: direct link to %s up (%s)", self.client_id, action.peer, action.endpoint)
+            elif action.__class__ is Close:
+                dealer = self._link_ctl.pop(action.peer, None)
+                if dealer is not None:
+                    if action.bye is not None:
+                        self._send_control(dealer, action.bye)
+                    poller.unregister(dealer)
+                    dealer.close(linger=100 if action.bye is not None else 0)
+                out = self.link_out.get(action.peer)
+                if out is not None:
+                    self.link_out = {p: s for p, s in self.link_out.items() if p != action.peer}
+                    self._graveyard.append(out)
+
+    def _drain_link_router(self, now: float) -> None:
+        router, links = self._link_router, self.links
+        for _ in range(BATCH):
+            try:
+                frames = recv_frames(router)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self._drop(DropReason.MALFORMED)
+                continue
+            try:
+                header = wire.decode(frames[1].buffer)
+            except wire.WireError as exc:
+                self._drop(exc.reason)
+                continue
+            conn = frames[0].bytes
+            if header.__class__ is wire.Ack:
+                link = links.incoming.get(conn)
+                if link is not None:
+                    link.last_seen = now
+                    self._note_ack(link.peer, header)
+                continue
+            for action in links.on_listener(conn, header, self.routes.clients, now):
+                try:
+                    router.send_multipart([action.conn, action.header], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+
+    def _drain_link(self, peer: str, dealer: zmq.Socket, now: float) -> None:
+        for _ in range(BATCH):
+            try:
+                frames = recv_frames(dealer)
+            except zmq.Again:
+                return
+            if len(frames) != 1:
+                self._drop(DropReason.MALFORMED)
+                continue
+            try:
+                header = wire.decode(frames[0].buffer)
+            except wire.WireError as exc:
+                self._drop(exc.reason)
+                continue
+            if header.__class__ is wire.Ack:
+                self._note_ack(peer, header)
+                continue
+            self._pending_link_actions += self.links.on_link_message(peer, header, now)
 
     def _probe(self, udp: socket.socket, index: int, nonce: bytes) -> None:
         """Ask server ``index``'s UDP reflector (same host and port number as its endpoint)."""

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import Any, Mapping
 
 from .errors import Disconnected, Unreachable
 from .wire import ClientInfo
 
 _EMPTY: Mapping = MappingProxyType({})
+
+Path = int | str  # a server index (relay), or the destination's Id itself (its direct link)
 
 
 @dataclass(frozen=True)
@@ -23,13 +24,21 @@ class Routes:
     names: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: _EMPTY)  # name -> client ids
     endpoints: tuple[str, ...] = ()  # server endpoint per index
     refusals: tuple[str, ...] = ()  # why servers refused to register us (e.g. Id in use)
+    links: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)  # peer id -> links.LinkView (up links)
 
 
-def choose_path(dst: str, routes: Routes, rng: random.Random) -> int:
-    """The index of the server to relay through; raise Unreachable or Disconnected if none."""
+def choose_path(dst: str, routes: Routes) -> Path:
+    """How to reach ``dst``: its Id if a direct link to it is up, else the index of a server that
+    lists it; raise Unreachable or Disconnected if there is none.
+
+    Among several servers the choice is fixed per destination (spread by the Id's hash) so a stream
+    stays on one path, and changes only when the servers' lists change.
+    """
+    if dst in routes.links:
+        return dst
     holders = routes.holders.get(dst)
     if holders:
-        return holders[0] if len(holders) == 1 else rng.choice(holders)
+        return holders[0] if len(holders) == 1 else holders[hash(dst) % len(holders)]
     if not routes.registered:
         raise Disconnected(f"no server connection (servers: {', '.join(routes.endpoints)}); reconnecting")
     raise Unreachable(f"destination not found: no connected server lists {dst}")

@@ -10,6 +10,7 @@ HEARTBEAT_IVL_MS = 500  # libzmq pings an idle connection this often...
 HEARTBEAT_TIMEOUT_MS = 1500  # ...and drops it when no traffic came back for this long
 RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 1000
+MAX_SOCKETS = 16384  # per process (the open-files limit applies too)
 
 _context: zmq.Context | None = None
 _context_lock = threading.Lock()
@@ -21,6 +22,9 @@ def context() -> zmq.Context:
     with _context_lock:
         if _context is None or _context.closed:
             _context = zmq.Context()
+            # libzmq's default of 1023 sockets per context is ~100 clients in one process (each has
+            # ~10: per server 3 connections and a monitor, plus its two link ROUTERs and an inproc pair).
+            _context.set(zmq.MAX_SOCKETS, MAX_SOCKETS)
         return _context
 
 

@@ -443,8 +443,9 @@ _SEQ = struct.Struct(">BQ")
 
 # Data on a direct link (client -> peer's link data ROUTER) needs no header: the link says who sends
 # to whom. A message is its 8-byte big-endian sequence number followed by the payload: in one frame
-# when the payload is at most LINK_INLINE_MAX bytes (one copy of a small payload is cheaper than a
-# second frame), else as two frames [seq, payload] with the payload frame untouched. Sequence
+# when the payload is 1 to LINK_INLINE_MAX bytes (one copy of a small payload is cheaper than a
+# second frame), else as two frames [seq, payload] with the payload frame untouched (so a first
+# frame of exactly 8 bytes means the two-frame form). Sequence
 # number LINK_CONTROL_SEQ (0) carries an encoded delivery-layer header (an Ack) instead of user data.
 LINK_SEQ = struct.Struct(">Q")
 LINK_INLINE_MAX = 16 * 1024

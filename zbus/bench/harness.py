@@ -44,9 +44,10 @@ CASES: dict[str, str] = {
     "raw-relay": "zbus.bench.raw:RELAY",
     "nats": "zbus.bench.nats_roles:NATS",
     "zbus-relay": "zbus.bench.zbus_roles:ZBUS_RELAY",
+    "zbus-direct": "zbus.bench.zbus_roles:ZBUS_DIRECT",
     "raw-relay-multipart": "zbus.bench.raw:RELAY_MULTIPART",
 }
-DEFAULT_CASES = ("raw-dealer-router", "raw-relay", "nats", "zbus-relay")
+DEFAULT_CASES = ("raw-dealer-router", "raw-relay", "nats", "zbus-relay", "zbus-direct")
 DEFAULT_SIZES = (64, 4096, 65536)
 DEFAULT_REPEAT, DEFAULT_REPEAT_QUICK = 3, 1
 

@@ -12,6 +12,7 @@ from typing import Sequence
 
 #: Rows of cases named "zbus-*" get their median throughput divided by these cases' at the same size.
 BASELINES = ("raw-relay", "raw-dealer-router", "nats")
+RTT_BASELINE = "raw-dealer-router"  # the RTT p50 ratio column (lower is better)
 
 
 @dataclass
@@ -176,7 +177,8 @@ def format_table(summaries: Sequence[Summary]) -> str:
     by_key = {(s.case, s.size): s for s in shown}
     with_spread = any(s.throughput_runs > 1 for s in shown)
     header = ["case", "size", "msg/s"] + (["msg/s min–max (spread)"] if with_spread else [])
-    header += ["MB/s", "RTT p50 ms", "RTT p99 ms"] + [f"x {b}" for b in BASELINES] + ["notes"]
+    header += ["MB/s", "RTT p50 ms", "RTT p99 ms"] + [f"x {b}" for b in BASELINES]
+    header += [f"RTT p50 x {RTT_BASELINE}", "notes"]
     right = [False] + [True] * (len(header) - 2) + [False]
     rows = []
     for s in shown:
@@ -185,6 +187,9 @@ def format_table(summaries: Sequence[Summary]) -> str:
             base = by_key.get((baseline, s.size))
             x = ratio(s.msgs_per_s, base.msgs_per_s) if base and s.case.startswith("zbus-") else None
             ratios.append("" if x is None else f"{x:.2f}x")
+        base = by_key.get((RTT_BASELINE, s.size))
+        x = ratio(s.rtt_p50_ms, base.rtt_p50_ms) if base and s.case.startswith("zbus-") else None
+        ratios.append("" if x is None else f"{x:.2f}x")
         spread = [spread_label(s)] if with_spread else []
         rows.append([s.case, size_label(s.size), format_value(s.msgs_per_s, ",.0f"), *spread,
                      format_value(s.mb_per_s, ",.1f"), format_value(s.rtt_p50_ms, ".3f"),

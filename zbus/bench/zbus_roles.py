@@ -1,7 +1,10 @@
-"""zbus through one server: two `zbus.Client`s with `max_links=0` (relay only) and a `zbus-node server`.
+"""zbus through one server: two `zbus.Client`s with `max_links=0` (relay only) and a `zbus-node server`;
+and the same two clients over a direct link (`zbus-direct`: the server only introduces them).
 
-Uses only the public client contract: Client(servers, name, max_links), .id, .resolve(name),
-.send(dst, bytes), .recv(timeout) -> Message(src, data, via), .close().
+Uses the public client contract: Client(servers, name, listen, max_links), .id, .resolve(name),
+.send(dst, bytes), .recv(timeout) -> Message(src, data, via), .wait_link(id), .close().
+The process's role name selects the path: roles of the direct case run with `ZBUS_BENCH_DIRECT=1`
+semantics through their own module-level functions below (they must be picklable by name).
 """
 
 from __future__ import annotations
@@ -46,8 +49,19 @@ def _name(role: str) -> str:
     return f"bench-{role}-{os.getpid()}"
 
 
+_DIRECT = {"direct": False}  # set by the zbus-direct role wrappers, per process
+
+
 def _client(job: Job, role: str) -> zbus.Client:
+    if _DIRECT["direct"]:
+        return zbus.Client(servers=[job.endpoint], name=_name(role), listen="tcp://127.0.0.1:0")
     return zbus.Client(servers=[job.endpoint], name=_name(role), max_links=0)
+
+
+def _await_link(client: zbus.Client, peer: str, job: Job) -> None:
+    """Direct case: timing starts only once our link to the peer is up (the HELLO asked for it)."""
+    if _DIRECT["direct"] and not client.wait_link(peer, job.first_timeout_s):
+        raise RuntimeError(f"no direct link to {peer} within {job.first_timeout_s}s")
 
 
 def _connect_to_peer(client: zbus.Client, job: Job) -> str:
@@ -55,6 +69,7 @@ def _connect_to_peer(client: zbus.Client, job: Job) -> str:
     dst = retry_until(lambda: client.resolve(job.peer), zbus.Unreachable, job.first_timeout_s)
     retry_until(lambda: client.send(dst, HELLO), zbus.Unreachable, job.first_timeout_s)
     client.recv(timeout=job.first_timeout_s)
+    _await_link(client, dst, job)
     return dst
 
 
@@ -62,6 +77,7 @@ def _answer_hello(client: zbus.Client, job: Job) -> str:
     """Wait for the peer's HELLO and answer it; return the peer's Id."""
     hello = client.recv(timeout=job.first_timeout_s)
     retry_until(lambda: client.send(hello.src, HELLO), zbus.Unreachable, job.first_timeout_s)
+    _await_link(client, hello.src, job)
     return hello.src
 
 
@@ -91,7 +107,8 @@ def throughput_receiver(ctl: Control, job: Job) -> None:
             except TimeoutError:
                 if quiet.done(received):
                     break
-        notes = () if vias == {"relay"} else (f"first message via {', '.join(sorted(vias))}",)
+        expected = {"direct"} if _DIRECT["direct"] else {"relay"}
+        notes = () if vias == expected else (f"first message via {', '.join(sorted(vias))}",)
         ctl.report(ReceiveReport(received, first, last, notes))
 
 
@@ -168,5 +185,36 @@ ZBUS_RELAY = Case(
     throughput_sender=throughput_sender,
     rtt_echo=rtt_echo,
     rtt_ping=rtt_ping,
+    start_infra=_start_server,
+)
+
+
+def direct_throughput_receiver(ctl: Control, job: Job) -> None:
+    _DIRECT["direct"] = True
+    throughput_receiver(ctl, job)
+
+
+def direct_throughput_sender(ctl: Control, job: Job) -> None:
+    _DIRECT["direct"] = True
+    throughput_sender(ctl, job)
+
+
+def direct_rtt_echo(ctl: Control, job: Job) -> None:
+    _DIRECT["direct"] = True
+    rtt_echo(ctl, job)
+
+
+def direct_rtt_ping(ctl: Control, job: Job) -> None:
+    _DIRECT["direct"] = True
+    rtt_ping(ctl, job)
+
+
+ZBUS_DIRECT = Case(
+    name="zbus-direct",
+    summary="two zbus.Clients over a direct link (the zbus server only introduces them)",
+    throughput_receiver=direct_throughput_receiver,
+    throughput_sender=direct_throughput_sender,
+    rtt_echo=direct_rtt_echo,
+    rtt_ping=direct_rtt_ping,
     start_infra=_start_server,
 )

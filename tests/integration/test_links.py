@@ -1,0 +1,235 @@
+"""Direct links between clients, and the delivery layer that makes path switches lossless.
+
+Real `zbus-node server` processes on 127.0.0.1; clients in this process (or a subprocess when one
+must be killed). Clients listen on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import zbus
+from tests.helpers import REPO, wait_until
+
+LOCAL = "tcp://127.0.0.1:0"
+
+
+def connect(clients: list, servers, name: str, **kw) -> zbus.Client:
+    client = zbus.Client(servers=[s.endpoint for s in servers], name=name, listen=LOCAL, **kw)
+    clients.append(client)
+    wait_until(lambda: all(link.state == "registered" for link in client.status().servers)
+               and len(client.status().servers) == len(servers), 5.0, f"{name} registered with every server")
+    return client
+
+
+class Collector:
+    """Receives ``count`` messages on its own thread (so senders never wait for a reader)."""
+
+    def __init__(self, client: zbus.Client, count: int, timeout: float) -> None:
+        self.client, self.count, self.timeout = client, count, timeout
+        self.got: list[zbus.Message] = []
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while len(self.got) < self.count:
+                self.got.append(self.client.recv(timeout=self.timeout))
+        except BaseException as exc:  # reported by result()
+            self.error = exc
+
+    def result(self, timeout: float) -> list[zbus.Message]:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"receiver still waiting after {timeout}s ({len(self.got)} messages)"
+        assert self.error is None, f"receiver failed after {len(self.got)} messages: {self.error!r}"
+        return self.got
+
+
+@pytest.mark.timeout(60)
+def test_three_clients_on_two_servers_link_directly_and_peers_shows_the_links(start_server, clients):
+    servers = [start_server("s1"), start_server("s2")]
+    trio = [connect(clients, servers, name) for name in ("alice", "bob", "carol")]
+    ids = {c.name: c.wait_peer(other, 5.0) for c in trio for other in ("alice", "bob", "carol") if other != c.name}
+    assert len(ids) == 3
+    for sender in trio:
+        for receiver in trio:
+            if receiver is not sender:
+                sender.send(receiver.id, b"hello")  # the first message goes by relay and asks for a link
+    for sender in trio:
+        for receiver in trio:
+            if receiver is not sender:
+                assert sender.wait_link(receiver.id, 5.0), f"{sender.name} -> {receiver.name} link"
+    for receiver in trio:
+        assert sorted(receiver.recv(timeout=5.0).data for _ in range(2)) == [b"hello", b"hello"]
+    for sender in trio:
+        for receiver in trio:
+            if receiver is not sender:
+                for i in range(100):
+                    sender.send(receiver.id, b"%d" % i)
+    for receiver in trio:
+        got = [receiver.recv(timeout=5.0) for _ in range(200)]
+        assert {m.via for m in got} == {"direct"}
+        for sender in trio:
+            if sender is not receiver:
+                assert [m.data for m in got if m.src == sender.id] == [b"%d" % i for i in range(100)]
+    alice = trio[0]
+    wait_until(lambda: all(p.rtt is not None for p in alice.peers().values()), 5.0, "link RTTs measured")
+    for peer_id, peer in alice.peers().items():
+        assert peer.via == "direct" and peer.address.startswith("tcp://127.0.0.1:") and 0 < peer.rtt < 1.0
+        print(f"alice -> {peer.name}: {peer.address} rtt {peer.rtt * 1000:.2f} ms")
+
+
+@pytest.mark.timeout(60)
+def test_max_links_zero_keeps_every_message_on_the_relay(start_server, clients):
+    server = start_server("s1")
+    alice = connect(clients, [server], "alice", max_links=0)
+    bob = connect(clients, [server], "bob", max_links=0)
+    bob_id = alice.wait_peer("bob", 5.0)
+    for i in range(2000):
+        alice.send(bob_id, b"%d" % i)
+        if i % 500 == 0:
+            bob.send(alice.id, b"back")
+    got = [bob.recv(timeout=5.0) for _ in range(2000)]
+    assert [m.data for m in got] == [b"%d" % i for i in range(2000)]
+    assert {m.via for m in got} == {"relay"}
+    assert {m.via for m in (alice.recv(timeout=5.0) for _ in range(4))} == {"relay"}
+    assert alice.peers()[bob_id].via == "relay" and alice.peers()[bob_id].address == server.endpoint
+    assert not alice.wait_link(bob_id, 0.5)
+
+
+@pytest.mark.timeout(120)
+def test_a_50000_message_stream_survives_links_going_up_and_down_repeatedly(start_server, clients):
+    server = start_server("s1")
+    alice, bob = connect(clients, [server], "alice"), connect(clients, [server], "bob")
+    bob_id = alice.wait_peer("bob", 5.0)
+    total, chunk = 50_000, 2_500
+    collector = Collector(bob, total, timeout=15.0)
+    switches = 0
+    started = time.monotonic()
+    link_wanted = True
+    for i in range(total):
+        if i and i % chunk == 0:
+            # The previous switch has taken effect; start the next one and keep sending meanwhile.
+            if link_wanted:
+                wait_until(lambda: bob_id in alice.peers() and alice.peers()[bob_id].via == "direct", 10.0,
+                           "the link to come up")
+            else:
+                wait_until(lambda: alice.peers()[bob_id].via == "relay", 10.0, "the link to go down")
+            link_wanted = not link_wanted
+            alice.set_max_links(64 if link_wanted else 0)
+            switches += 1
+        alice.send(bob_id, i.to_bytes(4, "big"))
+    got = collector.result(60.0)
+    took = time.monotonic() - started
+    assert [int.from_bytes(m.data, "big") for m in got] == list(range(total)), "lost, repeated or reordered"
+    assert all(m.src == alice.id for m in got)
+    vias = {via: sum(1 for m in got if m.via == via) for via in ("direct", "relay")}
+    assert vias["direct"] and vias["relay"], vias
+    with pytest.raises(TimeoutError):
+        bob.recv(timeout=0.3)  # and nothing twice
+    stream = alice._sender.streams[bob_id]
+    print(f"{total} messages, {switches} path switches in {took:.1f}s; by path {vias}; "
+          f"repeated {stream.resent}; duplicates dropped {bob._receiver.duplicates}")
+
+
+@pytest.mark.timeout(90)
+def test_killing_one_of_two_servers_mid_stream_loses_nothing(start_server, clients):
+    servers = [start_server("s1"), start_server("s2")]
+    alice = connect(clients, servers, "alice", max_links=0)
+    bob = connect(clients, servers, "bob", max_links=0)
+    bob_id = alice.wait_peer("bob", 5.0)
+    wait_until(lambda: all(l.clients == 2 for l in alice.status().servers), 5.0, "both servers list both")
+    carrier = next(s for s in servers if s.endpoint == alice.peers()[bob_id].address)
+    total = 30_000
+    collector = Collector(bob, total, timeout=15.0)
+    for i in range(total):
+        if i == total // 3:
+            wait_until(lambda: len(collector.got) > 1000, 10.0, "the stream to be flowing")
+            carrier.kill()  # SIGKILL, with messages inside it
+        alice.send(bob_id, i.to_bytes(4, "big"))
+    got = collector.result(60.0)
+    assert [int.from_bytes(m.data, "big") for m in got] == list(range(total)), "lost or reordered"
+    assert alice.peers()[bob_id].address != carrier.endpoint
+    print(f"repeated after the kill: {alice._sender.streams[bob_id].resent}; "
+          f"duplicates dropped: {bob._receiver.duplicates}")
+
+
+VICTIM = """
+import sys, zbus
+with zbus.Client(servers=[sys.argv[1]], name="victim", listen="tcp://127.0.0.1:0") as c:
+    print(c.id, flush=True)
+    while True:
+        try:
+            m = c.recv(timeout=1.0)
+        except TimeoutError:
+            continue
+        c.send(m.src, m.data)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_peer_leaves_the_link_table_and_the_lists_within_a_few_seconds(start_server, clients):
+    server = start_server("s1")
+    alice = connect(clients, [server], "alice")
+    proc = subprocess.Popen([sys.executable, "-c", VICTIM, server.endpoint], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    try:
+        victim_id = proc.stdout.readline().strip()
+        assert alice.wait_peer(victim_id, 10.0) == victim_id
+        alice.send(victim_id, b"ping")
+        assert alice.recv(timeout=5.0).data == b"ping"
+        assert alice.wait_link(victim_id, 5.0)
+        alice.send(victim_id, b"ping")
+        assert alice.recv(timeout=5.0).data == b"ping"
+        proc.kill()
+        proc.wait(timeout=10)
+        killed = time.monotonic()
+        wait_until(lambda: victim_id not in alice._engine.routes.links, 5.0, "the link to be dropped")
+        link_gone = time.monotonic() - killed
+        wait_until(lambda: victim_id not in alice.peers(), 6.0, "the peer to leave the lists")
+        print(f"link dropped {link_gone:.2f}s, peer gone {time.monotonic() - killed:.2f}s after kill -9")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        proc.stdout.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_listen_address_that_cannot_be_bound_is_a_config_error_naming_the_key():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(zbus.ConfigError, match=f"client.listen: cannot bind tcp://127.0.0.1:{port}"):
+            zbus.Client(servers=["tcp://127.0.0.1:9"], listen=f"tcp://127.0.0.1:{port}", connect_timeout=0.1)
+
+
+@pytest.mark.timeout(60)
+def test_async_clients_use_direct_links_too(start_server):
+    import asyncio
+
+    server = start_server("s1")
+
+    async def exchange() -> None:
+        async with zbus.AsyncClient(servers=[server.endpoint], name="a", listen=LOCAL) as a, \
+                zbus.AsyncClient(servers=[server.endpoint], name="b", listen=LOCAL) as b:
+            b_id = await a.wait_peer("b", 5.0)
+            await a.send(b_id, b"first")
+            assert (await b.recv(timeout=5.0)).data == b"first"
+            assert await a.wait_link(b_id, 5.0)
+            for i in range(2000):
+                await a.send(b_id, b"%d" % i)
+            got = [await b.recv(timeout=5.0) for _ in range(2000)]
+            assert [m.data for m in got] == [b"%d" % i for i in range(2000)]
+            assert {m.via for m in got} == {"direct"}
+
+    asyncio.run(exchange())

@@ -1,0 +1,361 @@
+"""A client's data plane: the send and receive paths on the data sockets, and delivery upkeep.
+
+Mixed into the clients (:mod:`zbus.client`). ``send`` chooses a path (:func:`~zbus.routing.choose_path`),
+numbers the message and writes it onto the relay's ``data_out`` or the link's data DEALER; ``recv``
+reads the link data ROUTER and the servers' ``data_in`` sockets and hands every arrival to the
+delivery layer (:mod:`zbus.delivery`), which puts them back in order. ``_upkeep`` runs on the engine
+thread: acks for what we delivered, repeats for what peers did not acknowledge. Whoever writes on a
+data socket holds the send lock; whoever reads holds the receive lock.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from typing import Any, NamedTuple
+
+import zmq
+import zmq.backend
+
+from . import wire
+from .delivery import SendStream
+from .errors import ZbusError
+from .routing import choose_path
+from .sockets import recv_frames_rest
+from .wire import CONTROL_SEQ, LINK_CONTROL_SEQ, LINK_INLINE_MAX, LINK_SEQ, DropReason, data_header_prefix
+
+_HEADER_CACHE_MAX = 4096
+_MORE = int(zmq.SNDMORE)
+_NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq's IntFlag arithmetic costs more than a small send
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+_UPKEEP_S = 0.05  # acks and retransmission checks run this often while a stream is active
+_TUNNEL_ACK_S = 1.0  # acks tunnelled through a relay go at most this often per source
+_RESEND = "resend"  # SendStream.path marker: every retained message must go again
+_NO_SOCKET = object()  # the chosen link's socket is being replaced: wait for the next Routes
+_SEQ_PACK = struct.Struct(">BQ").pack  # wire.data_header's tail, inlined on the hot path
+_LINK_SEQ_PACK = LINK_SEQ.pack
+_LINK_SEQ_UNPACK = LINK_SEQ.unpack_from
+_EVENTS = int(zmq.EVENTS)
+# pyzmq's Socket.send wrapper (copy thresholds, routing ids) costs ~0.7 us; small copied frames
+# (headers, a link's seq + small payload) go straight to the backend's send.
+_SEND_COPY = zmq.backend.Socket.send
+_RCVMORE = int(zmq.RCVMORE)
+_POLLIN = int(zmq.POLLIN)
+
+
+class Message(NamedTuple):
+    src: str  # the sender's Id, as stamped by the path it came over
+    data: bytes
+    via: str  # "direct" | "punched" | "relay"
+
+
+class _Call:
+    """One message on its way through ``send`` (several attempts if sockets are full)."""
+
+    __slots__ = ("stream", "seq", "transmitted")
+
+    def __init__(self, stream: SendStream) -> None:
+        self.stream = stream
+        self.seq: int | None = None
+        self.transmitted = False
+
+
+class DataPlane:
+    """The data-plane half of a client; the client sets the attributes used here in __init__."""
+
+    def _prefix(self, dst: str) -> bytes:
+        prefix = self._prefixes.get(dst)
+        if prefix is None:
+            if len(self._prefixes) >= _HEADER_CACHE_MAX:
+                self._prefixes.clear()
+            prefix = self._prefixes[dst] = data_header_prefix(dst)
+        return prefix
+
+    def _attempt(self, dst: str, data: Any, call: _Call, more: int) -> Any:
+        """Move one message forward; the caller holds the send lock. Returns None when the message
+        is on its way, or the socket that was full (``_NO_SOCKET``: wait for new Routes).
+
+        ``more`` is the header's send flags: SNDMORE (blocks up to SNDTIMEO) or NOBLOCK|SNDMORE.
+        Raises Unreachable / Disconnected (taking the message back if it never left).
+        """
+        engine = self._engine
+        stream = call.stream
+        acked = engine.acked.get(dst)
+        if acked is not None and acked > stream.acked:
+            stream.ack(acked)
+        self._fast.pop(dst, None)
+        routes = engine.routes
+        try:
+            path = choose_path(dst, routes)
+        except ZbusError:
+            if call.seq is not None and not call.transmitted:
+                stream.unpush(call.seq)
+            raise
+        if path.__class__ is int:
+            sock = engine.data[path].out
+        else:
+            sock = engine.link_out.get(path)
+            if sock is None:
+                return _NO_SOCKET
+        prefix = self._prefix(dst) if path.__class__ is int else None
+        if path != stream.path:
+            if path.__class__ is int and dst not in self._wanted:
+                self._wanted.add(dst)  # a peer we send to by relay: the engine will try to link to it
+                engine.wanted.append(dst)
+                if self.config.max_links:
+                    try:
+                        self._ctl.send(b"want", zmq.NOBLOCK)  # wake the engine (close() uses it under this lock)
+                    except zmq.ZMQError:
+                        pass
+            for seq, payload, _ in stream.switch(path) if stream.path is not _RESEND else self._resend_all(stream, path):
+                try:
+                    self._put(sock, prefix, seq, payload, more)
+                except zmq.Again:
+                    stream.path = _RESEND
+                    return sock
+                if seq == call.seq:
+                    call.transmitted = True
+        if call.seq is None:
+            call.seq = stream.push(data, len(data))
+        elif call.transmitted:
+            return None
+        try:
+            self._put(sock, prefix, call.seq, data, more)
+        except zmq.Again:
+            return sock
+        call.transmitted = True
+        self._fast[dst] = (routes, sock, prefix, stream)
+        return None
+
+    @staticmethod
+    def _put(sock: zmq.Socket, prefix: bytes | None, seq: int, payload: Any, more: int) -> None:
+        """One message onto a relay (``prefix``: its Data header without seq) or link (None) socket.
+        Raises zmq.Again, with nothing sent, if the socket is full; the last frame never blocks."""
+        if prefix is not None:
+            sock.send(prefix + _SEQ_PACK(0xCF, seq), more)
+            sock.send(payload, 0, copy=False)
+        elif 0 < len(payload) <= LINK_INLINE_MAX:
+            sock.send(_LINK_SEQ_PACK(seq) + payload, more & ~_MORE)
+        else:
+            sock.send(_LINK_SEQ_PACK(seq), more)
+            sock.send(payload, 0, copy=False)
+
+    @staticmethod
+    def _resend_all(stream: SendStream, path: Any) -> list:
+        stream.path = path
+        stream.resent += len(stream.retained)
+        return list(stream.retained)
+
+    def _upkeep(self, now: float) -> float | None:
+        """Engine thread, on a timer: acknowledge what we delivered; repeat what peers did not ack."""
+        engine = self._engine
+        busy = False
+        for src, upto in self._receiver.acks_due():
+            busy = True
+            header = wire.encode(wire.Ack(upto))
+            if engine.ack_via_link(src, header):
+                continue
+            # Through the relay the ack lands in the sender's data_in, read only if it calls recv:
+            # at most one a second, so a sender that never reads gets a trickle, not a flood.
+            if now - self._tunneled_at.get(src, -_TUNNEL_ACK_S) >= _TUNNEL_ACK_S and self._tunnel(src, header):
+                self._tunneled_at[src] = now
+                continue
+            stream = self._receiver.streams.get(src)
+            if stream is not None:
+                stream.acked_sent = 0  # due again at the next upkeep
+        if self._sender.streams and self._tx_lock.acquire(blocking=False):
+            try:
+                if self._closed:
+                    return None
+                for dst, stream in list(self._sender.streams.items()):
+                    acked = engine.acked.get(dst)
+                    if acked is not None and acked > stream.acked:
+                        stream.ack(acked)
+                    if stream.retained:
+                        busy = True
+                        self._repair(dst, stream, now)
+            finally:
+                self._tx_lock.release()
+        return now + _UPKEEP_S if busy else None
+
+    def _repair(self, dst: str, stream: SendStream, now: float) -> None:
+        """Send retained messages again if the path changed or acks stalled (send lock held)."""
+        try:
+            path = choose_path(dst, self._engine.routes)
+        except ZbusError:
+            if stream.path.__class__ is int:
+                stream.path = _RESEND
+                self._fast.pop(dst, None)  # its server went away: repeat everything on the next path
+            return
+        sock = self._engine.data[path].out if path.__class__ is int else self._engine.link_out.get(path)
+        if sock is None:
+            return
+        if path != stream.path:
+            self._fast.pop(dst, None)
+            batch = stream.switch(path) if stream.path is not _RESEND else self._resend_all(stream, path)
+        elif path.__class__ is int:
+            if path not in self._engine.routes.registered:
+                stream.path = _RESEND
+                self._fast.pop(dst, None)  # that server's session dropped: repeat everything when it is back
+            return  # a live relay path loses nothing; what a server refused on purpose is not repeated
+        else:
+            batch = stream.retransmit_due(now)
+        prefix = self._prefix(dst) if path.__class__ is int else None
+        for seq, payload, _ in batch:
+            try:
+                self._put(sock, prefix, seq, payload, _NOBLOCK_MORE)
+            except zmq.Again:
+                stream.path = _RESEND
+                self._fast.pop(dst, None)
+                return
+
+    def _tunnel(self, dst: str, header: bytes) -> bool:
+        """Engine thread: a delivery control message to ``dst`` inside a Data (seq = CONTROL_SEQ)."""
+        if not self._tx_lock.acquire(blocking=False):
+            return False
+        try:
+            if self._closed:
+                return False
+            path = choose_path(dst, self._engine.routes)
+            sock = self._engine.data[path].out if path.__class__ is int else self._engine.link_out.get(path)
+            if sock is None:
+                return False
+            if path.__class__ is int:
+                sock.send(wire.encode(wire.Data(dst, "", CONTROL_SEQ)), _NOBLOCK_MORE)
+                sock.send(header, 0)
+            else:
+                self._put(sock, None, LINK_CONTROL_SEQ, header, _NOBLOCK_MORE)
+            return True
+        except (ZbusError, zmq.Again):
+            return False
+        finally:
+            self._tx_lock.release()
+
+    def _try_recv(self) -> Message | None:
+        """A message if one is waiting on any data socket, without blocking.
+
+        The hot path of every receive: two or three frame reads, one header decode, no thread hop.
+        The socket that delivered last is read first; the others are asked for readiness first
+        (an empty read raises zmq.Again, which costs several times more than asking).
+        """
+        if self._ready:
+            return self._ready.popleft()
+        engine = self._engine
+        hot = self._hot
+        if hot is not None:
+            message = self._read_link() if hot is engine.link_in else self._read_relay(hot)
+            if message is not None:
+                return message
+        for sock in (engine.link_in, *[data.inn for data in engine.data]):
+            if sock is hot or not sock.getsockopt(_EVENTS) & _POLLIN:
+                continue
+            message = self._read_link() if sock is engine.link_in else self._read_relay(sock)
+            if message is not None:
+                self._hot = sock
+                return message
+        if self._receiver.gapped:
+            for src, released in self._receiver.skip_gaps(time.monotonic()):
+                self._ready.extend(Message(src, bytes(frame), via) for frame, via in released)
+            if self._ready:
+                return self._ready.popleft()
+        return None
+
+    def _read_link(self, _new=tuple.__new__, _Message=Message) -> Message | None:
+        """Direct links: [data token, seq + payload] or [data token, seq, payload] (see wire.py).
+
+        Frames are read as bytes: for small frames that is less than half the cost of zmq.Frame
+        objects, and asking RCVMORE costs as much as a read, so the one-frame form is read without
+        it. A peer that sends extra frames (ours never do) only gets its own messages wrong: the
+        next read takes one of its frames for a token, finds no link with it and skips the rest of
+        that message, which puts the reader back on a message boundary.
+        """
+        engine = self._engine
+        sock = engine.link_in
+        recv = self._link_recv
+        while True:
+            try:
+                token = recv(_NOBLOCK)
+            except zmq.Again:
+                return None
+            frame = recv(_NOBLOCK)  # the rest of a message is there once its first frame is
+            if len(frame) == 8:
+                if not sock.getsockopt(_RCVMORE):
+                    self._drop(DropReason.MALFORMED)
+                    continue
+                payload = sock.recv(_NOBLOCK)
+                if sock.getsockopt(_RCVMORE):
+                    recv_frames_rest(sock)
+                    self._drop(DropReason.MALFORMED)
+                    continue
+            elif len(frame) < 8:
+                self._drop(DropReason.MALFORMED)
+                continue
+            else:
+                payload = frame[8:]
+            src = engine.tokens.get(token)
+            if src is None:  # not (or no longer) an authenticated link
+                recv_frames_rest(sock)
+                self._drop(DropReason.UNREGISTERED)
+                continue
+            seq = _LINK_SEQ_UNPACK(frame)[0]
+            stream = self._receiver.streams.get(src)
+            if stream is not None and seq == stream.expected and not stream.early \
+                    and len(payload) <= self._max_frame:
+                stream.expected = seq + 1  # Receiver.accept's in-order case, inlined (the hot path)
+                return _new(_Message, (src, payload, "direct"))  # = Message(...), without its Python __new__
+            message = self._accept(src, seq or CONTROL_SEQ, payload, "direct")
+            if message is not None:
+                return message
+
+    def _read_relay(self, sock: zmq.Socket) -> Message | None:
+        """A server's data_in: [Data header, payload]; the server stamped the source."""
+        while True:
+            try:
+                head = sock.recv(_NOBLOCK, copy=False)
+            except zmq.Again:
+                return None
+            if not head.more:
+                self._drop(DropReason.MALFORMED)
+                continue
+            payload = sock.recv(_NOBLOCK, copy=False)
+            if payload.more:
+                recv_frames_rest(sock)
+                self._drop(DropReason.MALFORMED)
+                continue
+            try:
+                header = wire.decode(head.buffer)
+            except wire.WireError as exc:
+                self._drop(exc.reason)
+                continue
+            if header.__class__ is not wire.Data:
+                self._drop(DropReason.MALFORMED)
+                continue
+            message = self._accept(header.src, header.seq, payload, "relay")
+            if message is not None:
+                return message
+
+    def _accept(self, src: str, seq: int, payload: Any, via: str) -> Message | None:
+        """Hand one arrival (a frame or a buffer) to the delivery layer; the next in-order message."""
+        size = len(payload)
+        if size > self.config.max_frame:
+            self._drop(DropReason.OVERSIZED)
+            return None
+        if seq == CONTROL_SEQ:
+            try:
+                ack = wire.decode(payload)
+            except wire.WireError as exc:
+                self._drop(exc.reason)
+                return None
+            if ack.__class__ is wire.Ack:
+                self._engine._note_ack(src, ack)
+            return None
+        released = self._receiver.accept(src, seq, (payload, via), size)
+        if not released:
+            return None
+        frame, via = released[0]
+        if len(released) > 1:
+            self._ready.extend(Message(src, bytes(f), v) for f, v in released[1:])
+        return Message(src, bytes(frame), via)
+
+    def _drop(self, reason: DropReason) -> None:
+        self.dropped[reason.value] = self.dropped.get(reason.value, 0) + 1

@@ -1,0 +1,259 @@
+"""The delivery layer, pure: per-destination sequence numbers, in-order exactly-once delivery, acks.
+
+A message from A to B may travel by relay (through any of several servers) or by a direct link, and
+the path can change mid-stream (a link comes up or goes down, a server dies). This layer makes that
+invisible: B gets every message exactly once and in A's order.
+
+* **Sender** (:class:`SendStream`, one per destination): numbers messages ``epoch << 32 | counter``
+  (``counter`` from 1; ``epoch`` random per sender process and destination, so a restarted sender is
+  a new stream) and *retains* them until a cumulative :class:`~zbus.wire.Ack` covers them. When the
+  path to the destination changes, everything retained is sent again on the new path, ahead of new
+  messages (:meth:`SendStream.switch`). If acks stop advancing while the stream is idle, the
+  retained messages are sent again with exponential backoff (:meth:`SendStream.retransmit_due`).
+  Retention is bounded (``max_msgs``, ``max_bytes``): past it the oldest message leaves retention
+  unacknowledged (counted in ``unprotected``) and can no longer be repaired if its path fails.
+* **Receiver** (:class:`Receiver`, one :class:`RecvStream` per source): delivers ``expected`` and
+  whatever is buffered after it, drops duplicates, buffers messages that arrive early (bounded:
+  past ``max_msgs``/``max_bytes`` an early message is dropped; the sender repairs it), and reports
+  the cumulative ``upto`` to acknowledge (:meth:`Receiver.acks_due`; a duplicate arrival means
+  the sender missed an ack, so the ack is due again). A gap that stays open longer
+  than ``gap_timeout`` without progress is skipped and counted: that happens when a server
+  refused a message on purpose (too big for it, destination gone; a relay path is otherwise
+  reliable, so relayed messages are repeated only when the path changes) or when the sender's
+  retention overflowed.
+
+Acks are cumulative and carry the full sequence number (epoch included); a later
+``send(..., ack=True)`` waits for ``acked >= seq`` of its message. Sequence number 0 means
+"unsequenced" and is delivered as is.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+from typing import Any, Hashable
+
+COUNTER_BITS = 32
+_COUNTER_MASK = (1 << COUNTER_BITS) - 1
+DEFAULT_MAX_UNACKED = 16_384  # messages retained per destination
+DEFAULT_MAX_UNACKED_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_REORDER = 16_384  # early messages buffered per source
+DEFAULT_MAX_REORDER_BYTES = 64 * 1024 * 1024
+GAP_TIMEOUT = 3.0  # seconds a stream may hold early messages without progress before skipping the gap
+RTO_MIN = 1.0  # seconds of idle, unacknowledged stream before the first retransmission
+RTO_MAX = 8.0
+
+
+def epoch_of(seq: int) -> int:
+    return seq >> COUNTER_BITS
+
+
+class SendStream:
+    """One destination's outgoing stream. Owned by whoever holds the client's send lock."""
+
+    __slots__ = ("epoch", "next_seq", "retained", "retained_bytes", "acked", "path", "max_msgs",
+                 "max_bytes", "unprotected", "resent", "_idle_seq", "_idle_since", "_rto")
+
+    def __init__(self, epoch: int, max_msgs: int = DEFAULT_MAX_UNACKED,
+                 max_bytes: int = DEFAULT_MAX_UNACKED_BYTES) -> None:
+        self.epoch = epoch
+        self.next_seq = (epoch << COUNTER_BITS) | 1
+        self.retained: collections.deque[tuple[int, Any, int]] = collections.deque()  # (seq, payload, size)
+        self.retained_bytes = 0
+        self.acked = epoch << COUNTER_BITS  # everything up to this is acknowledged
+        self.path: Hashable | None = None  # the path the last message went by
+        self.max_msgs = max_msgs
+        self.max_bytes = max_bytes
+        self.unprotected = 0  # messages that left retention before being acknowledged
+        self.resent = 0
+        self._idle_seq = -1
+        self._idle_since = 0.0
+        self._rto = RTO_MIN
+
+    def push(self, payload: Any, size: int) -> int:
+        """Number a new message and retain it; return its sequence number."""
+        seq = self.next_seq
+        self.next_seq = seq + 1
+        if not (seq + 1) & _COUNTER_MASK:  # counter exhausted: continue as a new epoch
+            self.epoch = (self.epoch + 1) & 0x7FFF_FFFF or 1
+            self.next_seq = (self.epoch << COUNTER_BITS) | 1
+        retained = self.retained
+        retained.append((seq, payload, size))
+        self.retained_bytes += size
+        if len(retained) > self.max_msgs or self.retained_bytes > self.max_bytes:
+            while len(retained) > self.max_msgs or (self.retained_bytes > self.max_bytes and len(retained) > 1):
+                self.retained_bytes -= retained.popleft()[2]
+                self.unprotected += 1
+        return seq
+
+    def unpush(self, seq: int) -> None:
+        """Take back the message just pushed (its send failed before any byte left)."""
+        if self.retained and self.retained[-1][0] == seq:
+            self.retained_bytes -= self.retained.pop()[2]
+            self.next_seq = seq
+
+    def ack(self, upto: int) -> None:
+        """The receiver delivered everything up to ``upto``: release it."""
+        if upto <= self.acked or epoch_of(upto) not in (self.epoch, epoch_of(self.acked)):
+            return  # stale, or for an earlier sender process's stream
+        self.acked = upto
+        self._rto = RTO_MIN
+        retained = self.retained
+        while retained and retained[0][0] <= upto:
+            self.retained_bytes -= retained.popleft()[2]
+
+    def switch(self, path: Hashable) -> list[tuple[int, Any, int]]:
+        """The next message goes by ``path``: what must be sent again first (empty if no change)."""
+        if path == self.path:
+            return []
+        first = self.path is None
+        self.path = path
+        if first or not self.retained:
+            return []
+        self.resent += len(self.retained)
+        return list(self.retained)
+
+    def retransmit_due(self, now: float) -> list[tuple[int, Any, int]]:
+        """Called on a timer: the retained messages to send again, if the stream is idle and its acks
+        stopped advancing for the retransmission timeout (which then doubles, up to RTO_MAX)."""
+        if not self.retained:
+            self._idle_seq = -1
+            return []
+        if self.next_seq != self._idle_seq:
+            self._idle_seq, self._idle_since = self.next_seq, now
+            return []
+        if now - self._idle_since < self._rto:
+            return []
+        self._idle_since = now
+        self._rto = min(self._rto * 2, RTO_MAX)
+        self.resent += len(self.retained)
+        return list(self.retained)
+
+    def next_retransmit(self) -> float | None:
+        return self._idle_since + self._rto if self.retained and self._idle_seq >= 0 else None
+
+
+class Sender:
+    """Every outgoing stream of a client, by destination."""
+
+    def __init__(self, rng: random.Random, max_msgs: int = DEFAULT_MAX_UNACKED,
+                 max_bytes: int = DEFAULT_MAX_UNACKED_BYTES) -> None:
+        self._rng = rng
+        self.max_msgs = max_msgs
+        self.max_bytes = max_bytes
+        self.streams: dict[str, SendStream] = {}
+
+    def stream(self, dst: str) -> SendStream:
+        stream = self.streams.get(dst)
+        if stream is None:
+            stream = self.streams[dst] = SendStream(self._rng.randrange(1, 1 << 31), self.max_msgs, self.max_bytes)
+        return stream
+
+
+class RecvStream:
+    __slots__ = ("epoch", "expected", "early", "early_bytes", "gap_since", "retired", "acked_sent")
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.expected = (epoch << COUNTER_BITS) | 1
+        self.early: dict[int, tuple[Any, int]] = {}  # seq -> (payload, size), all > expected
+        self.early_bytes = 0
+        self.gap_since: float | None = None
+        self.retired: tuple[int, ...] = ()  # earlier epochs of this source: their messages are stale
+        self.acked_sent = 0  # the last upto we acknowledged
+
+
+class Receiver:
+    """Every incoming stream of a client, by source. Owned by whoever holds the receive lock."""
+
+    def __init__(self, max_msgs: int = DEFAULT_MAX_REORDER, max_bytes: int = DEFAULT_MAX_REORDER_BYTES,
+                 gap_timeout: float = GAP_TIMEOUT) -> None:
+        self.max_msgs = max_msgs
+        self.max_bytes = max_bytes
+        self.gap_timeout = gap_timeout
+        self.streams: dict[str, RecvStream] = {}
+        self.duplicates = 0
+        self.overflow = 0  # early messages dropped because the reorder buffer was full
+        self.skipped = 0  # messages given up on after gap_timeout
+        self.gapped = False  # some stream holds early messages (skip_gaps has work)
+
+    def accept(self, src: str, seq: int, payload: Any, size: int) -> list[Any]:
+        """One arrival: the payloads now deliverable, in order (often just this one, or none)."""
+        stream = self.streams.get(src)
+        if stream is None or stream.epoch != seq >> COUNTER_BITS:
+            if seq <= 0:
+                return [payload]  # unsequenced
+            stream = self._new_epoch(src, stream, seq >> COUNTER_BITS)
+            if stream is None:
+                self.duplicates += 1  # a straggler from a stream the source has since restarted
+                return []
+        expected = stream.expected
+        if seq == expected:
+            stream.expected = expected + 1
+            if not stream.early:
+                return [payload]
+            return [payload, *self._drain(stream)]
+        if seq < expected or seq in stream.early:
+            self.duplicates += 1
+            stream.acked_sent = 0  # a repeat means the sender missed our ack: send it again
+            return []
+        if len(stream.early) >= self.max_msgs or stream.early_bytes + size > self.max_bytes:
+            self.overflow += 1
+            return []
+        stream.early[seq] = (payload, size)
+        stream.early_bytes += size
+        self.gapped = True
+        return []
+
+    def _new_epoch(self, src: str, old: RecvStream | None, epoch: int) -> RecvStream | None:
+        if old is not None:
+            if epoch in old.retired:
+                return None
+            retired = (old.retired + (old.epoch,))[-8:]
+        else:
+            retired = ()
+        stream = self.streams[src] = RecvStream(epoch)
+        stream.retired = retired
+        return stream
+
+    @staticmethod
+    def _drain(stream: RecvStream) -> list[Any]:
+        out = []
+        early = stream.early
+        expected = stream.expected
+        while expected in early:
+            payload, size = early.pop(expected)
+            stream.early_bytes -= size
+            out.append(payload)
+            expected += 1
+        stream.expected = expected
+        stream.gap_since = None  # progress: the gap clock starts again
+        return out
+
+    def skip_gaps(self, now: float) -> list[tuple[str, list[Any]]]:
+        """Give up on gaps open longer than ``gap_timeout``: (source, payloads now deliverable)."""
+        out = []
+        self.gapped = False
+        for src, stream in list(self.streams.items()):
+            if not stream.early:
+                continue
+            self.gapped = True
+            if stream.gap_since is None:
+                stream.gap_since = now
+            elif now - stream.gap_since >= self.gap_timeout:
+                first = min(stream.early)
+                self.skipped += first - stream.expected
+                stream.expected = first
+                stream.gap_since = None
+                out.append((src, self._drain(stream)))
+        return out
+
+    def acks_due(self) -> list[tuple[str, int]]:
+        """(source, upto) for every stream that delivered more since its last ack."""
+        due = []
+        for src, stream in list(self.streams.items()):
+            upto = stream.expected - 1
+            if upto != stream.acked_sent and upto & _COUNTER_MASK:
+                stream.acked_sent = upto
+                due.append((src, upto))
+        return due

@@ -1,0 +1,274 @@
+"""Direct links, pure: which peers to link to, the Hello/Welcome handshake, pings, timeouts.
+
+A client listens on its *link ROUTER* (``listen``) and advertises it in its net state; servers pass
+it on in their client lists. To link to peer P the engine dials P's link ROUTER with a control
+DEALER and sends :class:`~zbus.wire.LinkHello` (our Id, the Id we expect, a nonce, and the routing
+id of our future data connection). P answers :class:`~zbus.wire.LinkWelcome` only if it *is* the
+expected Id and a server lists us; it then stamps our Id on every Data that arrives from that data
+connection, never trusting a header. We open the data connection (a DEALER, to P's data ROUTER at
+the port the Welcome names) and the link is up. Wrong Ids, stale addresses and silence are dropped
+quietly: the next candidate address is tried, then the peer is retried with backoff.
+
+The dialer pings every :data:`PING_INTERVAL` on the control connection; the round trip is the
+link's RTT; no Pong for :data:`LINK_TIMEOUT` closes the link (the sender falls back to relay). The
+listener forgets a link that sent nothing for :data:`LINK_TIMEOUT` + 1 s, or at once on LinkBye.
+
+Links are opened to peers this client sends to, in the order it first sent to them, up to
+``max_links`` (0: relay only); a peer that leaves every server's list loses its link.
+
+The core returns actions for the engine (:class:`Dial`, :class:`OpenData`, :class:`Close`,
+:class:`SendLink`, :class:`Reply`); it never touches a socket or a clock.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, NamedTuple, Union
+
+from . import wire
+
+PING_INTERVAL = 0.5
+LINK_TIMEOUT = 2.0  # seconds without a Pong before the dialer closes a link
+HANDSHAKE_TIMEOUT = 2.0  # seconds to wait for a Welcome on one candidate address
+INCOMING_TIMEOUT = LINK_TIMEOUT + 1.0  # the listener forgets a silent link after this
+RETRY_MIN = 1.0  # backoff before retrying a peer whose every address failed
+RETRY_MAX = 30.0
+TOKEN_BYTES = 16
+_WILDCARD_HOSTS = ("0.0.0.0", "*", "[::]", "::")
+
+
+class Dial(NamedTuple):
+    peer: str
+    address: str
+    hello: bytes  # first message on the new control connection
+
+
+class OpenData(NamedTuple):
+    peer: str
+    endpoint: str  # the peer's data ROUTER
+    token: bytes  # our data connection's routing id
+
+
+class Close(NamedTuple):
+    peer: str
+    bye: bytes | None  # say LinkBye first (on a link that was up)
+
+
+class SendLink(NamedTuple):
+    peer: str
+    header: bytes
+
+
+class Reply(NamedTuple):
+    conn: bytes  # routing id on our link ROUTER
+    header: bytes
+
+
+Action = Union[Dial, OpenData, Close, SendLink, Reply]
+
+
+def link_addresses(net: wire.NetState) -> list[str]:
+    """Where a peer's link ROUTER may be reached: its listen endpoint, or every private address
+    with its port when it listens on all interfaces."""
+    if not net.listen:
+        return []
+    host, _, port = net.listen.removeprefix("tcp://").rpartition(":")
+    if host in _WILDCARD_HOSTS:
+        return [f"tcp://{ip}:{port}" for ip in net.private]
+    return [net.listen]
+
+
+def _host_of(address: str) -> str:
+    return address.removeprefix("tcp://").rpartition(":")[0]
+
+
+@dataclass
+class OutLink:
+    peer: str
+    candidates: list[str]
+    index: int = 0
+    state: str = "dialing"  # "dialing" | "up"
+    nonce: bytes = b""
+    token: bytes = b""
+    deadline: float = 0.0  # handshake deadline while dialing; Pong deadline when up
+    next_ping: float = 0.0
+    rtt: float | None = None
+
+    @property
+    def address(self) -> str:
+        return self.candidates[self.index]
+
+
+@dataclass
+class InLink:
+    peer: str
+    token: bytes
+    last_seen: float
+
+
+@dataclass(frozen=True)
+class LinkView:
+    """One up link as user threads see it (published in the Routes snapshot)."""
+
+    peer: str
+    kind: str  # "direct"
+    address: str
+    rtt: float | None
+
+
+@dataclass
+class LinkCore:
+    my_id: str
+    rng: random.Random
+    max_links: int
+    data_port: int
+    out: dict[str, OutLink] = field(default_factory=dict)
+    incoming: dict[bytes, InLink] = field(default_factory=dict)  # control conn -> link
+    wanted: list[str] = field(default_factory=list)  # peers we sent to, first first
+    retry_at: dict[str, tuple[float, float]] = field(default_factory=dict)  # peer -> (when, backoff)
+    changed: bool = False  # the set of up links (or their RTT) changed since the last take
+
+    # -- decisions ----------------------------------------------------------------------------
+    def want(self, peers: Iterable[str]) -> None:
+        """Peers the user sent to by relay (in first-send order)."""
+        for peer in peers:
+            if peer not in self.wanted and peer != self.my_id:
+                self.wanted.append(peer)
+
+    def set_max_links(self, max_links: int) -> None:
+        self.max_links = max_links
+
+    def plan(self, clients: Mapping[str, wire.ClientInfo], now: float) -> list[Action]:
+        """Open links to wanted peers up to ``max_links``; close links to peers no longer listed."""
+        actions: list[Action] = []
+        target = [p for p in self.wanted if p in clients][: self.max_links]  # (a peer may come back)
+        keep = set(target)
+        for peer in [p for p in self.out if p not in keep]:
+            actions += self._close(peer)
+        for peer in target:
+            if peer in self.out:
+                continue
+            when = self.retry_at.get(peer)
+            if when is not None and now < when[0]:
+                continue  # (the engine calls plan at least once a second)
+            candidates = link_addresses(clients[peer].net)
+            if candidates:
+                actions += self._dial(OutLink(peer, candidates), now)
+        return actions
+
+    def _dial(self, link: OutLink, now: float) -> list[Action]:
+        self.out[link.peer] = link
+        link.state = "dialing"
+        link.nonce = self.rng.randbytes(8)
+        token = self.rng.randbytes(TOKEN_BYTES)
+        link.token = bytes([token[0] | 1]) + token[1:]  # libzmq reserves ids starting with 0
+        link.deadline = now + HANDSHAKE_TIMEOUT
+        hello = wire.encode(wire.LinkHello(self.my_id, link.peer, link.nonce, link.token))
+        return [Dial(link.peer, link.address, hello)]
+
+    def _close(self, peer: str) -> list[Action]:
+        link = self.out.pop(peer, None)
+        if link is None:
+            return []
+        if link.state == "up":
+            self.changed = True
+        return [Close(peer, wire.encode(wire.LinkBye()) if link.state == "up" else None)]
+
+    def _failed(self, peer: str, now: float) -> list[Action]:
+        """The current address did not answer or answered wrongly: next candidate, else backoff."""
+        link = self.out[peer]
+        actions = self._close(peer)
+        if link.state == "dialing" and link.index + 1 < len(link.candidates):
+            link.index += 1
+            return actions + self._dial(link, now)
+        backoff = self.retry_at.get(peer, (0.0, RETRY_MIN / 2))[1] * 2
+        backoff = min(backoff, RETRY_MAX)
+        self.retry_at[peer] = (now + backoff * (0.5 + self.rng.random()), backoff)
+        return actions
+
+    # -- the dialer side ------------------------------------------------------------------------
+    def on_link_message(self, peer: str, header: wire.Header, now: float) -> list[Action]:
+        """A control message from the peer we dialed."""
+        link = self.out.get(peer)
+        if link is None:
+            return []
+        if isinstance(header, wire.LinkWelcome) and link.state == "dialing":
+            if header.id != peer or header.nonce != link.nonce or not 0 < header.data_port < 65536:
+                return self._failed(peer, now)
+            link.state = "up"
+            link.deadline = now + LINK_TIMEOUT
+            link.next_ping = now
+            self.retry_at.pop(peer, None)
+            self.changed = True
+            endpoint = f"tcp://{_host_of(link.address)}:{header.data_port}"
+            return [OpenData(peer, endpoint, link.token), *self.tick(now)]
+        if isinstance(header, wire.LinkPong) and link.state == "up":
+            link.deadline = now + LINK_TIMEOUT
+            rtt = max(0.0, now - header.sent)
+            link.rtt = rtt if link.rtt is None else 0.8 * link.rtt + 0.2 * rtt
+            self.changed = True
+            return []
+        if isinstance(header, wire.Error):
+            return self._failed(peer, now)
+        return []
+
+    # -- the listener side ----------------------------------------------------------------------
+    def on_listener(self, conn: bytes, header: wire.Header, clients: Mapping[str, wire.ClientInfo],
+                    now: float) -> list[Action]:
+        """A message on our link ROUTER from connection ``conn``."""
+        if isinstance(header, wire.LinkHello):
+            if header.expected != self.my_id:
+                return [Reply(conn, wire.encode(wire.Error("wrong-id", f"this is {self.my_id}")))]
+            if header.id not in clients:
+                return [Reply(conn, wire.encode(wire.Error("unknown-peer", "no server lists you")))]
+            if len(header.data_token) != TOKEN_BYTES or header.data_token[0] == 0 or any(
+                    link.token == header.data_token and c != conn for c, link in self.incoming.items()):
+                return [Reply(conn, wire.encode(wire.Error("bad-hello", "data token invalid or in use")))]
+            self.incoming[conn] = InLink(header.id, header.data_token, now)
+            self.changed = True
+            return [Reply(conn, wire.encode(wire.LinkWelcome(self.my_id, header.nonce, self.data_port)))]
+        link = self.incoming.get(conn)
+        if link is None:
+            return []
+        link.last_seen = now
+        if isinstance(header, wire.LinkPing):
+            return [Reply(conn, wire.encode(wire.LinkPong(header.sent)))]
+        if isinstance(header, wire.LinkBye):
+            del self.incoming[conn]
+            self.changed = True
+        return []
+
+    def incoming_conn(self, peer: str) -> bytes | None:
+        """The control connection of ``peer``'s link to us, if any (acks can go back on it)."""
+        for conn, link in self.incoming.items():
+            if link.peer == peer:
+                return conn
+        return None
+
+    # -- time -----------------------------------------------------------------------------------
+    def tick(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        for peer, link in list(self.out.items()):
+            if now >= link.deadline:
+                actions += self._failed(peer, now)
+            elif link.state == "up" and now >= link.next_ping:
+                link.next_ping = now + PING_INTERVAL
+                actions.append(SendLink(peer, wire.encode(wire.LinkPing(now))))
+        for conn in [c for c, link in self.incoming.items() if now - link.last_seen > INCOMING_TIMEOUT]:
+            del self.incoming[conn]
+            self.changed = True
+        return actions
+
+    def next_deadline(self) -> float | None:
+        times = [min(l.deadline, l.next_ping) if l.state == "up" else l.deadline for l in self.out.values()]
+        times += [l.last_seen + INCOMING_TIMEOUT for l in self.incoming.values()]
+        return min(times) if times else None
+
+    # -- outputs --------------------------------------------------------------------------------
+    def up_links(self) -> dict[str, LinkView]:
+        return {p: LinkView(p, "direct", l.address, l.rtt) for p, l in self.out.items() if l.state == "up"}
+
+    def tokens(self) -> dict[bytes, str]:
+        """Data connection routing id -> the peer Id it was authenticated as."""
+        return {link.token: link.peer for link in self.incoming.values()}
