@@ -32,7 +32,9 @@ import zmq.backend
 
 from . import sockets, wire
 from .config import ClientConfig, load_client_config
-from .dataplane import _LINK_SEQ_PACK, _MORE, _NO_SOCKET, _NOBLOCK_MORE, _SEND_COPY, _SEQ_PACK, DataPlane, Message, _Call
+from .dataplane import (
+    _LINK_SEQ_PACK, _MORE, _NO_SOCKET, _NOBLOCK_MORE, _SEND_COPY, _SEQ_PACK, ACK_TIMEOUT_S, DataPlane, Message, _AckWait, _Call,
+)
 from .delivery import Receiver, Sender
 from .engine import Engine
 from .errors import IdInUse, Unreachable, ZbusError
@@ -224,11 +226,18 @@ class Client(_ClientBase):
             self.close()
             raise
 
-    def send(self, dst: str, data: bytes) -> None:
+    def send(self, dst: str, data: bytes, ack: bool = False, timeout: float | None = None) -> None:
         """Send ``data`` to the client ``dst`` by the best path. Blocks only under backpressure.
 
         Raises ``Unreachable`` if no path to ``dst`` is known, ``Disconnected`` if no server is.
+        ``ack=True``: return only once ``dst`` has received the message (repeated over any path,
+        delivered once); ``TimeoutError`` after ``timeout`` seconds (default 10) without that.
         """
+        seq = self._send_one(dst, data)
+        if ack:
+            self._await_ack(dst, seq, ACK_TIMEOUT_S if timeout is None else timeout)
+
+    def _send_one(self, dst: str, data: bytes) -> int:
         with self._tx_lock:
             fast = self._fast.get(dst)
             if fast is not None and fast[0] is self._engine.routes and not self._closed:
@@ -240,7 +249,7 @@ class Client(_ClientBase):
                     else:
                         _SEND_COPY(sock, _LINK_SEQ_PACK(seq) if prefix is None else prefix + _SEQ_PACK(0xCF, seq), _MORE)
                         sock.send(data, 0, copy=False)
-                    return
+                    return seq
                 except zmq.Again:
                     call = _Call(stream)
                     call.seq = seq
@@ -251,7 +260,7 @@ class Client(_ClientBase):
             while True:
                 full = self._attempt(dst, data, call, _MORE)  # blocks up to SNDTIMEO on a full pipe
                 if full is None:
-                    return
+                    return call.seq
                 if self._closed:
                     raise ZbusError(f"{self.id} is closed")
                 if full is _NO_SOCKET:
@@ -360,7 +369,8 @@ class AsyncClient(_ClientBase):
                 raise
         return self
 
-    async def send(self, dst: str, data: bytes) -> None:
+    async def send(self, dst: str, data: bytes, ack: bool = False, timeout: float | None = None) -> None:
+        """As :meth:`Client.send`; ``ack=True`` waits (in a worker thread) for the acknowledgement."""
         call = None
         while True:
             if self._closed:
@@ -370,6 +380,8 @@ class AsyncClient(_ClientBase):
                     call = _Call(self._sender.streams.get(dst) or self._sender.stream(dst))
                 full = self._attempt(dst, data, call, _NOBLOCK_MORE)
             if full is None:
+                if ack:
+                    await self._await_ack_async(dst, call.seq, ACK_TIMEOUT_S if timeout is None else timeout)
                 return
             if full is _NO_SOCKET or not any(full is data.out for data in self._engine.data):
                 # A link's socket may be closed by the engine once we let go of the lock, so it is
@@ -377,6 +389,13 @@ class AsyncClient(_ClientBase):
                 await asyncio.sleep(0.002)
                 continue
             await zmq.asyncio.Socket.shadow(full.underlying).poll(_SLICE_MS, zmq.POLLOUT)
+
+    async def _await_ack_async(self, dst: str, seq: int, timeout: float) -> None:
+        """As ``_await_ack``, on the event loop (which is also where ``recv`` reads the sockets)."""
+        waiting = _AckWait(dst, seq, timeout)
+        while not self._ack_step(waiting, 0.0):
+            self._read_into_backlog()
+            await asyncio.sleep(waiting.next_pause())
 
     async def recv(self, timeout: float | None = None) -> Message:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -10,6 +10,7 @@ data socket holds the send lock; whoever reads holds the receive lock.
 
 from __future__ import annotations
 
+import collections
 import struct
 import time
 from typing import Any, NamedTuple
@@ -41,6 +42,10 @@ _EVENTS = int(zmq.EVENTS)
 _SEND_COPY = zmq.backend.Socket.send
 _RCVMORE = int(zmq.RCVMORE)
 _POLLIN = int(zmq.POLLIN)
+ACK_TIMEOUT_S = 10.0  # send(..., ack=True) default
+ACK_REQUEST_RETRY_S = 0.5  # a waiting sender asks again this often
+_ACK_LOCK_WAIT_S = 0.05  # how long a user thread waits for the send lock to pass a control message
+_BACKLOG_READ_MAX = 1000  # messages read per wake-up while waiting for an ack
 
 
 class Message(NamedTuple):
@@ -58,6 +63,21 @@ class _Call:
         self.stream = stream
         self.seq: int | None = None
         self.transmitted = False
+
+
+class _AckWait:
+    """One ``send(..., ack=True)`` waiting for its acknowledgement."""
+
+    def __init__(self, dst: str, seq: int, timeout: float) -> None:
+        self.dst, self.seq, self.timeout = dst, seq, timeout
+        self.request = wire.encode(wire.AckRequest(seq))
+        self.deadline = time.monotonic() + timeout
+        self.next_request = 0.0
+        self._pause = 0.00025
+
+    def next_pause(self) -> float:
+        self._pause = min(self._pause * 2, 0.01)
+        return self._pause
 
 
 class DataPlane:
@@ -209,9 +229,10 @@ class DataPlane:
                 self._fast.pop(dst, None)
                 return
 
-    def _tunnel(self, dst: str, header: bytes) -> bool:
-        """Engine thread: a delivery control message to ``dst`` inside a Data (seq = CONTROL_SEQ)."""
-        if not self._tx_lock.acquire(blocking=False):
+    def _tunnel(self, dst: str, header: bytes, wait: float = 0.0) -> bool:
+        """A delivery control message to ``dst`` inside a Data (seq = CONTROL_SEQ) on its current path.
+        The engine thread never waits for the send lock; user threads may (``wait`` seconds)."""
+        if not (self._tx_lock.acquire(timeout=wait) if wait else self._tx_lock.acquire(blocking=False)):
             return False
         try:
             if self._closed:
@@ -348,6 +369,8 @@ class DataPlane:
                 return None
             if ack.__class__ is wire.Ack:
                 self._engine._note_ack(src, ack)
+            elif ack.__class__ is wire.AckRequest:
+                self._answer_ack_request(src)
             return None
         released = self._receiver.accept(src, seq, (payload, via), size)
         if not released:
@@ -356,6 +379,59 @@ class DataPlane:
         if len(released) > 1:
             self._ready.extend(Message(src, bytes(f), v) for f, v in released[1:])
         return Message(src, bytes(frame), via)
+
+    def _answer_ack_request(self, src: str) -> None:
+        """A sender waits in ``send(..., ack=True)``: acknowledge what we delivered, now."""
+        stream = self._receiver.streams.get(src)
+        if stream is not None:
+            self._tunnel(src, wire.encode(wire.Ack(stream.expected - 1)), wait=_ACK_LOCK_WAIT_S)
+
+    def _await_ack(self, dst: str, seq: int, timeout: float) -> None:
+        """Block until ``dst`` acknowledged ``seq`` (it has received the message), else TimeoutError.
+
+        Asks the receiver to acknowledge at once (again every ACK_REQUEST_RETRY_S: a request can die
+        with a path, the message itself is repeated by the delivery layer). Acks through a relay land
+        on our data_in sockets, so while waiting this thread reads them if no one else is: user
+        messages read on the way are kept, in order, for ``recv``.
+        """
+        engine = self._engine
+        waiting = _AckWait(dst, seq, timeout)
+        while not self._ack_step(waiting, _ACK_LOCK_WAIT_S):
+            if self._rx_lock.acquire(blocking=False):
+                try:
+                    self._read_into_backlog()
+                finally:
+                    self._rx_lock.release()
+            with engine.ack_changed:
+                if engine.acked.get(dst, 0) < seq:
+                    engine.ack_changed.wait(waiting.next_pause())
+
+    def _ack_step(self, waiting: "_AckWait", lock_wait: float) -> bool:
+        """True once acknowledged; raises on timeout or close; (re)sends the AckRequest when due."""
+        if self._engine.acked.get(waiting.dst, 0) >= waiting.seq:
+            return True
+        now = time.monotonic()
+        if now >= waiting.deadline:
+            raise TimeoutError(f"no acknowledgement from {waiting.dst} within {waiting.timeout}s "
+                               "(the message may still arrive, once)")
+        if self._closed:
+            raise ZbusError(f"{self.id} is closed")
+        if now >= waiting.next_request and self._tunnel(waiting.dst, waiting.request, wait=lock_wait):
+            waiting.next_request = now + ACK_REQUEST_RETRY_S
+        return False
+
+    def _read_into_backlog(self) -> None:
+        """Read what the data sockets hold (bounded) so acks on them are seen; keep user messages."""
+        backlog, self._ready = self._ready, collections.deque()
+        try:
+            for _ in range(_BACKLOG_READ_MAX):
+                message = self._try_recv()
+                if message is None:
+                    break
+                backlog.append(message)
+        finally:
+            backlog.extend(self._ready)
+            self._ready = backlog
 
     def _drop(self, reason: DropReason) -> None:
         self.dropped[reason.value] = self.dropped.get(reason.value, 0) + 1

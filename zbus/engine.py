@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from types import MappingProxyType
-from typing import Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -86,6 +86,7 @@ class Engine:
         self.link_out: dict[str, zmq.Socket] = {}  # peer -> data DEALER (replaced, never mutated)
         self.tokens: dict[bytes, str] = {}  # data token on link_in -> peer Id (replaced, never mutated)
         self.acked: dict[str, int] = {}  # destination -> highest Ack heard (written by any thread)
+        self.ack_changed = threading.Condition()  # notified when ``acked`` moves
         self.wanted: list[str] = []  # destinations the user sent to by relay (appended by user threads)
         self._wanted_seen = 0
         self._link_ctl: dict[str, zmq.Socket] = {}  # peer -> control DEALER of a link we dialed
@@ -193,6 +194,8 @@ class Engine:
     def _note_ack(self, peer: str, ack: wire.Ack) -> None:
         if ack.upto > self.acked.get(peer, 0):
             self.acked[peer] = ack.upto
+            with self.ack_changed:  # wakes send(..., ack=True)
+                self.ack_changed.notify_all()
 
     def _drop(self, reason: DropReason) -> None:
         self.dropped[reason.value] = self.dropped.get(reason.value, 0) + 1
@@ -353,21 +356,28 @@ class Engine:
                     self.link_out = {p: s for p, s in self.link_out.items() if p != action.peer}
                     self._graveyard.append(out)
 
-    def _drain_link_router(self, now: float) -> None:
-        router, links = self._link_router, self.links
+    def _messages(self, sock: zmq.Socket, frame_count: int) -> Iterator[tuple[list[zmq.Frame], Any]]:
+        """Up to BATCH waiting messages of ``frame_count`` frames (the last one a header), decoded;
+        anything else is dropped and counted."""
         for _ in range(BATCH):
             try:
-                frames = recv_frames(router)
+                frames = recv_frames(sock)
             except zmq.Again:
                 return
-            if len(frames) != 2:
-                self._drop(DropReason.MALFORMED)
+            if len(frames) != frame_count:
+                oversized = wire.oversized(frames, self.config.max_frame)
+                self._drop(DropReason.OVERSIZED if oversized else DropReason.MALFORMED)
                 continue
             try:
-                header = wire.decode(frames[1].buffer)
+                header = wire.decode(frames[-1].buffer)
             except wire.WireError as exc:
                 self._drop(exc.reason)
                 continue
+            yield frames, header
+
+    def _drain_link_router(self, now: float) -> None:
+        router, links = self._link_router, self.links
+        for frames, header in self._messages(router, 2):
             conn = frames[0].bytes
             if header.__class__ is wire.Ack:
                 link = links.incoming.get(conn)
@@ -382,19 +392,7 @@ class Engine:
                     pass
 
     def _drain_link(self, peer: str, dealer: zmq.Socket, now: float) -> None:
-        for _ in range(BATCH):
-            try:
-                frames = recv_frames(dealer)
-            except zmq.Again:
-                return
-            if len(frames) != 1:
-                self._drop(DropReason.MALFORMED)
-                continue
-            try:
-                header = wire.decode(frames[0].buffer)
-            except wire.WireError as exc:
-                self._drop(exc.reason)
-                continue
+        for _, header in self._messages(dealer, 1):
             if header.__class__ is wire.Ack:
                 self._note_ack(peer, header)
                 continue
@@ -436,20 +434,7 @@ class Engine:
                 self.core.transport_down(index)
 
     def _drain_server(self, dealers: list[zmq.Socket], index: int, now: float) -> None:
-        max_frame = self.config.max_frame
-        for _ in range(BATCH):
-            try:
-                frames = recv_frames(dealers[index])
-            except zmq.Again:
-                return
-            if len(frames) != 1:
-                self._drop(DropReason.OVERSIZED if wire.oversized(frames, max_frame) else DropReason.MALFORMED)
-                continue
-            try:
-                header = wire.decode(frames[0].buffer)
-            except wire.WireError as exc:
-                self._drop(exc.reason)
-                continue
+        for frames, header in self._messages(dealers[index], 1):
             kind = header.__class__.__name__
             self.control_msgs[kind] = self.control_msgs.get(kind, 0) + 1
             self.control_bytes += len(frames[0])

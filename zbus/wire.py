@@ -381,6 +381,13 @@ class Ack(_Msg):
     upto: int
 
 
+class AckRequest(_Msg):
+    """Delivery layer: the sender waits in ``send(..., ack=True)`` for ``upto``; acknowledge now
+    (not at the next periodic ack). Travels like an :class:`Ack`, towards the receiver."""
+
+    upto: int
+
+
 CONTROL_SEQ = -1  # Data.seq of a delivery-layer message (payload = an encoded Ack), never shown to users
 
 
@@ -390,7 +397,7 @@ Header = Union[
     ClusterStatusRequest, ClusterStatusReply,
     RaftPreVote, RaftPreVoteResp, RaftVote, RaftVoteResp, RaftAppend, RaftAppendResp, RaftHeartbeat,
     RaftHeartbeatResp, RaftTimeoutNow,
-    LinkHello, LinkWelcome, LinkPing, LinkPong, LinkBye, Ack,
+    LinkHello, LinkWelcome, LinkPing, LinkPong, LinkBye, Ack, AckRequest,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

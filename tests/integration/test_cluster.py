@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -15,21 +14,9 @@ from zbus.cluster.status import cluster_endpoint_of, query_cluster_status
 from zbus.errors import ZbusError
 from zbus.status import query_status
 
-from tests.helpers import ServerProcess, free_port, wait_until
+from tests.helpers import ServerProcess, free_port_pair, wait_until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def free_port_pair() -> int:
-    """A free port whose successor is free too (a server's cluster endpoint is its port + 1)."""
-    while True:
-        port = free_port()
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
 
 
 def start_chain(start_server, count: int, extra: list[str] | None = None) -> list[ServerProcess]:
