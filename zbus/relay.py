@@ -31,6 +31,8 @@ from .wire import DropReason
 
 Output = tuple[bytes, bytes, Any]
 TOKEN_BYTES = 16
+SEQ_TAIL = 9  # a client's Data header ends in msgpack uint64: 0xCF and 8 bytes of seq (wire.data_header)
+FAST_ROUTES_MAX = 65_536  # per table level; past it the cache starts over
 
 
 @dataclass(frozen=True)
@@ -69,13 +71,22 @@ class ServerCore:
         self._forgotten: list[bytes] = []
         self.relayed_msgs = 0
         self.relayed_bytes = 0
+        # Routes already checked, for the hot path: sender connection -> {header without its seq tail:
+        # (destination data_in, stamped header without seq)}. Cleared whenever any registration
+        # changes, so an entry is exactly what relay() would answer now.
+        self.fast_routes: dict[bytes, dict[bytes, tuple[bytes, bytes]]] = {}
         self.dropped: collections.Counter[str] = collections.Counter()
         self._welcome = wire.encode(wire.Welcome(server_id, name))
         self._not_registered = wire.encode(wire.Error("not-registered", "say Hello first"))
 
     # -- data plane -------------------------------------------------------------------------
-    def relay(self, conn: bytes, data: wire.Data, size: int) -> tuple[bytes, bytes] | None:
-        """Route one Data message; returns (destination connection, header to send) or None."""
+    def relay(self, conn: bytes, data: wire.Data, size: int, raw: bytes = b"") -> tuple[bytes, bytes] | None:
+        """Route one Data message; returns (destination connection, header to send) or None.
+
+        ``raw``, the header as received: when it has the form clients send (:func:`wire.data_header`:
+        the prefix for ``dst`` with an empty source, then the 9-byte seq), the route is remembered
+        for :meth:`fast_route`, so the next message on it is routed without decoding or encoding.
+        """
         src = self._by_sender.get(conn)
         if src is None:
             self.drop(DropReason.UNREGISTERED)
@@ -87,7 +98,22 @@ class ServerCore:
         self.relayed_msgs += 1
         self.relayed_bytes += size
         # The source is stamped from the connection, never taken from the sender's header.
-        return dst.data_in, wire.encode(wire.Data(data.dst, src.client_id, data.seq))
+        out = wire.encode(wire.Data(data.dst, src.client_id, data.seq))
+        if len(raw) > SEQ_TAIL and raw[-SEQ_TAIL] == 0xCF and raw[:-SEQ_TAIL] == wire.data_header_prefix(data.dst):
+            routes = self.fast_routes.get(conn)
+            if routes is None:
+                if len(self.fast_routes) >= FAST_ROUTES_MAX:
+                    self.fast_routes.clear()
+                routes = self.fast_routes[conn] = {}
+            if len(routes) < FAST_ROUTES_MAX:
+                stamped = wire.encode(wire.Data(data.dst, src.client_id, 0))[:-1]  # without seq (0 = one byte)
+                routes[raw[:-SEQ_TAIL]] = (dst.data_in, stamped)
+        return dst.data_in, out
+
+    def count_relayed(self, size: int) -> None:
+        """A message routed by :meth:`fast_route`'s answer."""
+        self.relayed_msgs += 1
+        self.relayed_bytes += size
 
     def is_receiver(self, conn: bytes) -> bool:
         """True if ``conn`` is a registered client's data connection (it may still be connecting)."""
@@ -173,6 +199,7 @@ class ServerCore:
             if token in self._receivers or token in self._by_sender:
                 return self._refuse(conn, "bad-hello", "data connection id already in use")
         registration = Registration(hello.id, hello.instance, conn, hello.data_in, hello.data_out)
+        self.fast_routes.clear()
         self._by_id[hello.id] = registration
         self._by_control[conn] = registration
         self._by_sender[hello.data_out] = registration
@@ -196,6 +223,7 @@ class ServerCore:
         registration = self._by_control.pop(conn, None)
         if registration is None:
             return
+        self.fast_routes.clear()
         del self._by_id[registration.client_id]
         del self._by_sender[registration.data_out]
         self._receivers.discard(registration.data_in)

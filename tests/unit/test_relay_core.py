@@ -91,3 +91,25 @@ def test_hello_with_a_server_id_is_refused():
     core = ServerCore("S-1", "s1", "tcp://127.0.0.1:1")
     [(_, error)] = decoded(core.receive(b"a", hello("S-00000000-0000-4000-8000-000000000000", "x", "i", A_IN, A_OUT), 0.0))
     assert error.code == "bad-id"
+
+
+def test_a_remembered_route_stamps_like_the_slow_path_and_is_forgotten_when_registrations_change():
+    core = registered_core()
+    raw = wire.data_header(wire.data_header_prefix(B), 7)  # what a client sends
+    dst_conn, header = core.relay(A_OUT, wire.decode(raw), 10, raw)
+    hit = core.fast_routes[A_OUT][raw[:-9]]
+    assert hit[0] == dst_conn == B_IN
+    fast = hit[1] + wire.data_header(wire.data_header_prefix(B), 8)[-9:]
+    assert wire.decode(fast) == wire.Data(B, src=A, seq=8) and wire.decode(header) == wire.Data(B, src=A, seq=7)
+    # A header in another form (here: a claimed source) is routed but never remembered.
+    odd = wire.encode(wire.Data(B, src=B, seq=2**40))
+    core.fast_routes.clear()
+    assert core.relay(A_OUT, wire.decode(odd), 1, odd)[0] == B_IN and core.fast_routes == {}
+    core.relay(A_OUT, wire.decode(raw), 10, raw)
+    assert core.fast_routes
+    new_in, new_out = bytes([7]) * 16, bytes([8]) * 16
+    core.receive(b"b2", hello(B, "bob", "i-b", new_in, new_out), 0.0)  # bob reconnects: new data_in
+    assert core.fast_routes == {}
+    assert core.relay(A_OUT, wire.decode(raw), 10, raw)[0] == new_in
+    core.connection_lost(b"a")
+    assert core.fast_routes == {} and core.relay(A_OUT, wire.decode(raw), 10, raw) is None
