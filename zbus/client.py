@@ -108,6 +108,7 @@ class _ClientBase(DataPlane):
         self._engine.on_tick = self._upkeep
         self._rng = random.Random()
         self._prefixes: dict[str, bytes] = {}
+        self._relay_sources: dict[bytes, str] = {}  # a relayed header without its seq tail -> its source Id
         self._sender = Sender(self._rng, self.config.max_unacked, self.config.max_unacked_bytes)
         self._receiver = Receiver(self.config.max_reorder, self.config.max_reorder_bytes)
         self._max_frame = self.config.max_frame

@@ -106,7 +106,7 @@ class ServerCore:
                     self.fast_routes.clear()
                 routes = self.fast_routes[conn] = {}
             if len(routes) < FAST_ROUTES_MAX:
-                stamped = wire.encode(wire.Data(data.dst, src.client_id, 0))[:-1]  # without seq (0 = one byte)
+                stamped = wire.data_header_prefix(data.dst, src.client_id)
                 routes[raw[:-SEQ_TAIL]] = (dst.data_in, stamped)
         return dst.data_in, out
 

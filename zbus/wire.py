@@ -459,9 +459,9 @@ LINK_INLINE_MAX = 16 * 1024
 LINK_CONTROL_SEQ = 0
 
 
-def data_header_prefix(dst: str) -> bytes:
-    """The encoded ``Data(dst, "", seq)`` header without its ``seq``: see :func:`data_header`."""
-    encoded = encode(Data(dst, "", 0))
+def data_header_prefix(dst: str, src: str = "") -> bytes:
+    """The encoded ``Data(dst, src, seq)`` header without its ``seq``: see :func:`data_header`."""
+    encoded = encode(Data(dst, src, 0))
     return encoded[:-1]  # the trailing 0x00 is seq=0
 
 
