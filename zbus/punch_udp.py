@@ -21,6 +21,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import netinfo, wire
 from .punch import Addr, PunchLimits, PunchResult, PunchSession, State
@@ -58,51 +59,53 @@ def _recv(sock: socket.socket, timeout: float) -> tuple[bytes, Addr] | None:
         return None
 
 
-def register(sock: socket.socket, server: Addr, own_id: str, hard: bool = False,
-             timeout: float = 5.0) -> Addr:
-    """Register ``sock`` at the server's rendezvous; return our public endpoint as the server saw it."""
-    nonce = os.urandom(8)
-    deadline = time.monotonic() + timeout
-    next_send = 0.0
+def _exchange(sock: socket.socket, send: Callable[[], None], retry: float, first_send: float,
+              deadline: float, accept: Callable[[Any], Any]) -> Any:
+    """Send (again every ``retry`` s, first at ``first_send``) until a datagram that ``accept`` maps to
+    something other than None arrives; that, or None at ``deadline``. Undecodable datagrams are skipped."""
+    next_send = first_send
     while (now := time.monotonic()) < deadline:
         if now >= next_send:
-            _request(sock, server, own_id, "", nonce, hard)
-            next_send = now + REQUEST_RETRY_S
+            send()
+            next_send = now + retry
         got = _recv(sock, min(next_send, deadline) - now)
         if got is None:
             continue
         try:
-            msg = wire.decode(got[0])
+            answer = accept(wire.decode(got[0]))
         except wire.WireError:
             continue
-        if isinstance(msg, wire.Observed) and msg.nonce == nonce:
-            return msg.ip, msg.port
-    raise TimeoutError(f"the rendezvous server {server[0]}:{server[1]} did not answer within {timeout:g} s")
+        if answer is not None:
+            return answer
+    return None
+
+
+def register(sock: socket.socket, server: Addr, own_id: str, hard: bool = False,
+             timeout: float = 5.0) -> Addr:
+    """Register ``sock`` at the server's rendezvous; return our public endpoint as the server saw it."""
+    nonce = os.urandom(8)
+    seen = _exchange(sock, lambda: _request(sock, server, own_id, "", nonce, hard), REQUEST_RETRY_S,
+                     0.0, time.monotonic() + timeout,
+                     lambda m: (m.ip, m.port) if isinstance(m, wire.Observed) and m.nonce == nonce else None)
+    if seen is None:
+        raise TimeoutError(f"the rendezvous server {server[0]}:{server[1]} did not answer within {timeout:g} s")
+    return seen
 
 
 def wait_go(sock: socket.socket, server: Addr, own_id: str, hard: bool = False, timeout: float = 30.0,
             peer_id: str = "") -> wire.PunchGo:
     """Wait for a PunchGo (re-registering now and then); ``peer_id`` non-empty: also request it."""
     nonce = os.urandom(8)
-    deadline = time.monotonic() + timeout
     retry = REQUEST_RETRY_S if peer_id else REGISTER_EVERY_S
-    next_send = time.monotonic() if peer_id else time.monotonic() + REGISTER_EVERY_S
-    while (now := time.monotonic()) < deadline:
-        if now >= next_send:
-            _request(sock, server, own_id, peer_id, nonce, hard)
-            next_send = now + retry
-        got = _recv(sock, min(next_send, deadline) - now)
-        if got is None:
-            continue
-        try:
-            msg = wire.decode(got[0])
-        except wire.WireError:
-            continue
-        if isinstance(msg, wire.PunchGo) and (not peer_id or msg.peer == peer_id):
-            if msg.refused:
-                raise PunchFailed(None, msg.refused)
-            return msg
-    raise TimeoutError(f"no rendezvous {'with ' + peer_id if peer_id else 'invitation'} within {timeout:g} s")
+    first = time.monotonic() if peer_id else time.monotonic() + REGISTER_EVERY_S
+    go = _exchange(sock, lambda: _request(sock, server, own_id, peer_id, nonce, hard), retry, first,
+                   time.monotonic() + timeout,
+                   lambda m: m if isinstance(m, wire.PunchGo) and (not peer_id or m.peer == peer_id) else None)
+    if go is None:
+        raise TimeoutError(f"no rendezvous {'with ' + peer_id if peer_id else 'invitation'} within {timeout:g} s")
+    if go.refused:
+        raise PunchFailed(None, go.refused)
+    return go
 
 
 @dataclass
