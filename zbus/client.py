@@ -141,6 +141,8 @@ class _ClientBase(DataPlane):
         dropped = {**engine.dropped}
         for reason, count in self.dropped.items():
             dropped[reason] = dropped.get(reason, 0) + count
+        if engine.core.servers_ignored:
+            dropped["too_many_servers"] = engine.core.servers_ignored
         return ClientStatus(self.id, self.name, engine.core.master, links, dict(engine.control_msgs),
                             engine.control_bytes, dropped)
 

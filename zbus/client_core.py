@@ -19,6 +19,7 @@ HELLO_RETRY = 0.5  # seconds between Hellos while a connection is up but not reg
 HEARTBEAT = 1.0  # seconds between Heartbeats to a registered server (servers expire after 3 s)
 PROBE_INTERVAL = 1.0  # seconds between UDP probes of a server's reflector until it answers
 PROBE_TRIES = 5
+MAX_SERVERS = 64  # servers a client connects to at most: a (hostile) server table cannot make it dial more
 
 
 class SessionState(enum.Enum):
@@ -86,6 +87,7 @@ class ClientCore:
         self._holders: dict[str, tuple[int, ...]] = {}
         self._clients: dict[str, wire.ClientInfo] = {}
         self._names: dict[str, tuple[str, ...]] = {}
+        self.servers_ignored = 0  # servers announced past MAX_SERVERS
 
     # -- events -----------------------------------------------------------------------------
     def transport_up(self, index: int, now: float) -> list[Output]:
@@ -158,6 +160,9 @@ class ClientCore:
         for server in table.servers:
             endpoint = reachable_endpoint(server.endpoint, session.endpoint)
             if endpoint not in known and server.id not in connected:
+                if len(self.sessions) >= MAX_SERVERS:
+                    self.servers_ignored += 1  # counted in status().dropped as "too_many_servers"
+                    continue
                 known.add(endpoint)
                 self.sessions.append(ServerSession(len(self.sessions), endpoint))
                 self._added.append(len(self.sessions) - 1)

@@ -97,3 +97,15 @@ def test_incremental_routes_equal_routes_built_from_scratch(steps):
             if info.name:
                 expected_names.setdefault(info.name, set()).add(client_id)
         assert {k: set(v) for k, v in routes.names.items()} == expected_names
+
+
+def test_a_server_table_cannot_make_a_client_dial_more_than_max_servers():
+    from zbus.client_core import MAX_SERVERS
+    core = core_with(["tcp://10.0.0.5:7700"])
+    register(core, 0, "S-a", ClientTable("S-a"))
+    flood = wire.ServerTable(2, "S-a", [
+        wire.ServerStatus(f"S-{i}", f"s{i}", f"tcp://10.9.{i // 250}.{i % 250}:7700", "server", True, 0)
+        for i in range(3 * MAX_SERVERS)])
+    core.receive(0, flood, 0.0)
+    assert len(core.sessions) == MAX_SERVERS
+    assert core.servers_ignored == 3 * MAX_SERVERS - (MAX_SERVERS - 1)
