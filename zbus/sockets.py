@@ -54,3 +54,27 @@ def recv_frames_rest(sock: zmq.Socket) -> None:
     """Read and discard the remaining frames of a message that is being dropped."""
     while sock.getsockopt(zmq.RCVMORE):
         sock.recv(copy=False)
+
+
+def ask(endpoint: str, request: object, expected: type, timeout: float, name: str = "", hint: str = "") -> object:
+    """One request/answer on a fresh DEALER: ``request`` (a wire message) to ``endpoint``, an answer of
+    type ``expected`` back within ``timeout`` s. Raises Disconnected (no answer) or ProtocolError."""
+    from . import wire
+    from .errors import Disconnected, ProtocolError
+
+    sock = tune(context().socket(zmq.DEALER), max_frame=wire.DEFAULT_MAX_FRAME)
+    try:
+        sock.connect(endpoint)
+        sock.send(wire.encode(request))
+        if not sock.poll(int(timeout * 1000)):
+            raise Disconnected(f"no answer from {name or endpoint} within {timeout}s{hint}")
+        frames = sock.recv_multipart()
+        try:
+            reply = wire.decode(frames[0])
+        except wire.WireError as exc:
+            raise ProtocolError(f"{endpoint} answered something that is not a zbus {expected.__name__}: {exc}") from None
+        if not isinstance(reply, expected):
+            raise ProtocolError(f"{endpoint} answered {type(reply).__name__}, expected {expected.__name__}")
+        return reply
+    finally:
+        sock.close(linger=0)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import sys
 
-import zmq
-
 from . import sockets, wire
 from .config import parse_endpoint
-from .errors import ConfigError, Disconnected, ProtocolError
+from .errors import ConfigError
 
 
 def query_status(endpoint: str, timeout: float = 3.0) -> wire.StatusReply:
@@ -16,22 +14,8 @@ def query_status(endpoint: str, timeout: float = 3.0) -> wire.StatusReply:
         parse_endpoint(endpoint, "--server")
     except ConfigError as exc:
         raise ConfigError(str(exc)) from None
-    sock = sockets.tune(sockets.context().socket(zmq.DEALER), max_frame=wire.DEFAULT_MAX_FRAME)
-    try:
-        sock.connect(endpoint)
-        sock.send(wire.encode(wire.StatusRequest()))
-        if not sock.poll(int(timeout * 1000)):
-            raise Disconnected(f"no answer from {endpoint} within {timeout}s (is a zbus server running there?)")
-        frames = sock.recv_multipart()
-        try:
-            reply = wire.decode(frames[0])
-        except wire.WireError as exc:
-            raise ProtocolError(f"{endpoint} answered something that is not a zbus status: {exc}") from None
-        if not isinstance(reply, wire.StatusReply):
-            raise ProtocolError(f"{endpoint} answered {type(reply).__name__}, expected StatusReply")
-        return reply
-    finally:
-        sock.close(linger=0)
+    return sockets.ask(endpoint, wire.StatusRequest(), wire.StatusReply, timeout,
+                       hint=" (is a zbus server running there?)")
 
 
 def render_status(reply: wire.StatusReply) -> None:
