@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from zbus.bench import free_tcp_port_pair as free_port_pair  # noqa: F401 (re-exported for tests)
+
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,19 +21,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def free_port_pair() -> int:
-    """A free port whose successor is free too (a server's cluster endpoint is its port + 1)."""
-    for _ in range(100):
-        port = free_port()
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair on 127.0.0.1")
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.01) -> object:

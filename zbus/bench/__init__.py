@@ -186,6 +186,20 @@ def free_tcp_port() -> int:
         return s.getsockname()[1]
 
 
+def free_tcp_port_pair() -> int:
+    """A free port on 127.0.0.1 whose successor is free too (a server's cluster endpoint is its
+    port + 1 by default)."""
+    for _ in range(100):
+        port = free_tcp_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair on 127.0.0.1")
+
+
 def wait_until_accepting(port: int, proc: subprocess.Popen, timeout_s: float) -> None:
     """Poll 127.0.0.1:port until a TCP connect succeeds; fail early if `proc` exits."""
     deadline = time.monotonic() + timeout_s

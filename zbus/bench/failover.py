@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from zbus.bench import free_tcp_port_pair
 from zbus.cluster.status import cluster_endpoint_of, query_cluster_status
 from zbus.errors import ZbusError
 from zbus.status import query_status
@@ -55,22 +55,8 @@ class _Server:
             self.proc.stdout.close()
 
 
-def _free_port_pair() -> int:
-    """A free port whose successor (the cluster endpoint) is free too."""
-    while True:
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            port = first.getsockname()[1]
-            with socket.socket() as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-        return port
-
-
 def _start(name: str, peer: str | None, dead_after: float) -> _Server:
-    endpoint = f"tcp://127.0.0.1:{_free_port_pair()}"
+    endpoint = f"tcp://127.0.0.1:{free_tcp_port_pair()}"
     argv = [sys.executable, "-m", "zbus.cli", "server", "--listen", endpoint, "--name", name,
             "--dead-after", str(dead_after), *(["--peer", peer] if peer else [])]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
