@@ -202,7 +202,6 @@ class Engine:
 
     # -- the thread -------------------------------------------------------------------------
     def _run(self) -> None:
-        ctx = sockets.context()
         dealers: list[zmq.Socket] = []
         monitors: list[zmq.Socket] = []
         try:
@@ -243,7 +242,6 @@ class Engine:
         log.info("client %s learnt servers %s", self.client_id, ", ".join(endpoints))
 
     def _loop(self, dealers: list[zmq.Socket], monitors: list[zmq.Socket]) -> None:
-        core = self.core
         poller = zmq.Poller()
         for sock in (self._ctl, *dealers, *monitors, self._link_router):
             poller.register(sock, zmq.POLLIN)
