@@ -40,6 +40,15 @@ def main() -> None:
                     if pending:  # sleep on that client's engine condition until its lists are complete
                         pending[0]._engine.wait_for(lambda r: len(r.clients) >= total - 1, 0.05)
                 print(f"converged {time.monotonic()}" if not pending else f"timeout {len(pending)}", flush=True)
+            elif command == "settle":  # every peer's net state complete (its public endpoint reported)
+                deadline = time.monotonic() + WAIT_LIMIT_S
+                pending = list(clients)
+                settled = lambda r: all(info.net.public for info in r.clients.values())  # noqa: E731
+                while pending and time.monotonic() < deadline:
+                    pending = [c for c in pending if not settled(c._engine.routes)]
+                    if pending:
+                        pending[0]._engine.wait_for(settled, 0.05)
+                print("settled" if not pending else f"timeout {len(pending)}", flush=True)
             elif command == "counts":
                 statuses = [c.status() for c in clients]
                 deltas = sum(s.control_msgs.get("ClientDelta", 0) for s in statuses)

@@ -45,6 +45,13 @@ def test_500_clients_converge_within_5s_and_a_join_costs_one_small_delta_each(st
         print(f"{TOTAL} clients: every list complete {took:.2f}s after the last join")
         assert took < 5.0
 
+        # Clients report their public UDP endpoint a moment after joining (one more delta each); under
+        # load some land late, so count only once every net state has settled.
+        for proc in workers:
+            proc.stdin.write("settle\n")
+            proc.stdin.flush()
+        settled = [proc.stdout.readline() for proc in workers]
+        assert all(line.startswith("settled") for line in settled), settled
         before = [ask(proc, "counts") for proc in workers]
         with zbus.Client(servers=[server.endpoint], name="late-joiner") as late:
             for proc in workers:
