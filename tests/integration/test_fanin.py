@@ -22,7 +22,7 @@ def ask(proc: subprocess.Popen, command: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)  # joins took 19-36 s on the CI machine since links and UDP probes (9-12 s before)
 def test_500_clients_converge_within_5s_and_a_join_costs_one_small_delta_each(start_server):
     server = start_server("fan-in", extra=[])
     started = time.monotonic()
