@@ -19,6 +19,9 @@ HELLO_RETRY = 0.5  # seconds between Hellos while a connection is up but not reg
 HEARTBEAT = 1.0  # seconds between Heartbeats to a registered server (servers expire after 3 s)
 PROBE_INTERVAL = 1.0  # seconds between UDP probes of a server's reflector until it answers
 PROBE_TRIES = 5
+# A fresh connection first asks the server's reflector for our public endpoint and waits at most this
+# long for the answer, so the Hello already carries it: one list delta per join, not Hello + NetState.
+HELLO_PROBE_WAIT = 0.2
 MAX_SERVERS = 64  # servers a client connects to at most: a (hostile) server table cannot make it dial more
 
 
@@ -51,6 +54,7 @@ class ServerSession:
 
 
 Output = tuple[int, bytes]
+_CONNECTED = (SessionState.HELLO_SENT, SessionState.REGISTERED)
 _WILDCARD_HOSTS = ("0.0.0.0", "*", "[::]")
 
 
@@ -94,6 +98,10 @@ class ClientCore:
         session = self.sessions[index]
         session.state = SessionState.HELLO_SENT
         session.refusal = None
+        if session.observed is None:
+            self._start_probing(session, now)
+            session.next_hello = now + HELLO_PROBE_WAIT  # the Hello goes when the answer comes, or then
+            return []
         return self._hello(session, now)
 
     def transport_down(self, index: int) -> None:
@@ -101,6 +109,8 @@ class ClientCore:
         if session.state is SessionState.REFUSED:
             return  # keep the refusal visible; a new connection retries
         session.state = SessionState.DOWN
+        session.observed = None  # a new connection asks again (the NAT may have moved us)
+        session.next_probe = None
         session.next_hello = None
         session.next_heartbeat = None
         session.peers.clear()
@@ -134,9 +144,8 @@ class ClientCore:
             session.refusal = None
             session.peers.clear()
             self._dirty = self._full = True
-            self._probe_count += 1
-            session.probe_nonce = f"{self.instance}/{index}/{self._probe_count}".encode()
-            session.next_probe, session.probes_left = now, PROBE_TRIES
+            if session.observed is None and session.next_probe is None:
+                self._start_probing(session, now)
             return []
         if isinstance(header, wire.Error):
             if header.code == "not-registered" and session.state is SessionState.REGISTERED:
@@ -169,24 +178,32 @@ class ClientCore:
                 self._dirty = self._full = True
 
     # -- net state ---------------------------------------------------------------------------
+    def _start_probing(self, session: ServerSession, now: float) -> None:
+        self._probe_count += 1
+        session.probe_nonce = f"{self.instance}/{session.index}/{self._probe_count}".encode()
+        session.next_probe, session.probes_left = now, PROBE_TRIES
+
     def probes(self, now: float) -> list[tuple[int, bytes]]:
         """(server index, nonce) of the UDP reflector probes due now."""
         due = []
         for s in self.sessions:
-            if s.next_probe is not None and now >= s.next_probe and s.state is SessionState.REGISTERED:
+            if s.next_probe is not None and now >= s.next_probe and s.state in _CONNECTED:
                 s.probes_left -= 1
                 s.next_probe = now + PROBE_INTERVAL if s.probes_left > 0 else None
                 due.append((s.index, s.probe_nonce))
         return due
 
-    def observed(self, nonce: bytes, ip: str, port: int) -> list[Output]:
+    def observed(self, nonce: bytes, ip: str, port: int, now: float) -> list[Output]:
         """A reflector answered: remember our public endpoint; report a changed net state."""
         for session in self.sessions:
             if session.probe_nonce and session.probe_nonce == nonce:
                 session.observed = f"{ip}:{port}"
                 session.next_probe = None
                 public = sorted({s.observed for s in self.sessions if s.observed})
-                return self._report(msgspec.structs.replace(self.net, public=public))
+                out = self._report(msgspec.structs.replace(self.net, public=public))
+                if session.state is SessionState.HELLO_SENT:
+                    out += self._hello(session, now)  # it was waiting for this answer
+                return out
         return []
 
     def set_private(self, addresses: list[str]) -> list[Output]:

@@ -280,7 +280,7 @@ class Engine:
                 if dealer in events:
                     self._drain_server(dealers, index, now)
             if udp.fileno() in events or udp in events:
-                self._on_udp(udp, dealers)
+                self._on_udp(udp, dealers, now)
             self._connect_learnt(poller, dealers, monitors)
             for index, header in core.tick(now):
                 self._send_control(dealers[index], header)
@@ -404,7 +404,7 @@ class Engine:
         except OSError as exc:  # unresolvable or unreachable: the net state just lacks this entry
             log.debug("UDP probe to %s failed: %s", host, exc)
 
-    def _on_udp(self, udp: socket.socket, dealers: list[zmq.Socket]) -> None:
+    def _on_udp(self, udp: socket.socket, dealers: list[zmq.Socket], now: float) -> None:
         for _ in range(BATCH):
             try:
                 datagram, _ = udp.recvfrom(2048)
@@ -416,7 +416,7 @@ class Engine:
                 self._drop(exc.reason)
                 continue
             if isinstance(answer, wire.Observed):
-                for index, header in self.core.observed(answer.nonce, answer.ip, answer.port):
+                for index, header in self.core.observed(answer.nonce, answer.ip, answer.port, now):
                     self._send_control(dealers[index], header)
 
     def _on_monitor(self, monitor: zmq.Socket, index: int, dealers: list[zmq.Socket], now: float) -> None:

@@ -33,6 +33,8 @@ Output = tuple[bytes, bytes, Any]
 TOKEN_BYTES = 16
 SEQ_TAIL = 9  # a client's Data header ends in msgpack uint64: 0xCF and 8 bytes of seq (wire.data_header)
 FAST_ROUTES_MAX = 65_536  # per table level; past it the cache starts over
+DELTA_SPACING_S = 0.0001  # list deltas: at most one per (this x listening clients) seconds ...
+DELTA_MAX_DELAY_S = 0.05  # ... and never held back longer than this
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class ServerCore:
         self._receivers: set[bytes] = set()  # data_in routing ids of registered clients
         self._last_seen: dict[bytes, float] = {}  # control connection -> when it last spoke
         self._needs_snapshot: set[bytes] = set()
+        self._next_delta = 0.0  # when the next list delta may go (see flush)
         self.cluster = ClusterView(0, server_id, (wire.ServerStatus(server_id, name, endpoint, "master", True, 0),))
         self.cluster_stats: dict[str, wire.ServerStats] = {}  # every server's figures, from the cluster
         self._cluster_changed = False
@@ -245,17 +248,23 @@ class ServerCore:
             self.cluster = view
             self._cluster_changed = True
 
-    def flush(self) -> list[Output]:
+    def flush(self, now: float) -> list[Output]:
         """Publish coalesced changes: the server table and one list delta to each listener,
-        the server table and a list snapshot to newcomers."""
+        the server table and a list snapshot to newcomers.
+
+        List deltas go at most every ``DELTA_SPACING_S`` x listeners (capped at DELTA_MAX_DELAY_S): a
+        server sends at most ~1/DELTA_SPACING_S delta messages a second whatever the join rate, so a
+        join storm costs each client a few large deltas instead of one wake-up per join. A quiet
+        server (or a small one) publishes at once."""
         out: list[Output] = []
         if self._cluster_changed or self._needs_snapshot:
             table = wire.encode(self.cluster.table())
             targets = self._by_control if self._cluster_changed else self._needs_snapshot
             out += [(c, table, None) for c in targets]
             self._cluster_changed = False
-        delta = self.table.take_delta()
-        if delta is not None:
+        if self.table.pending and now >= self._next_delta:
+            delta = self.table.take_delta()
+            self._next_delta = now + min(DELTA_MAX_DELAY_S, len(self._by_control) * DELTA_SPACING_S)
             encoded = wire.encode(delta)
             out += [(c, encoded, None) for c in self._by_control if c not in self._needs_snapshot]
         if self._needs_snapshot:
@@ -263,6 +272,10 @@ class ServerCore:
             out += [(c, encoded, None) for c in self._needs_snapshot]
             self._needs_snapshot.clear()
         return out
+
+    def next_flush(self) -> float | None:
+        """When a held-back list delta is due (None: nothing held back)."""
+        return self._next_delta if self.table.pending else None
 
     # -- introspection ----------------------------------------------------------------------
     def stats(self) -> wire.ServerStats:

@@ -141,6 +141,9 @@ class Server:
             paused = self._pending_count >= self.config.max_pending
             poll_started = time.monotonic()
             timeout = RETRY_MS if self._pending_count else POLL_MS
+            due = core.next_flush()
+            if due is not None:  # a held-back list delta
+                timeout = min(timeout, max(0, int((due - (poll_started - paused_total)) * 1000) + 1))
             if paused:
                 poller.modify(router, 0)
             ready = poller.poll(timeout)
@@ -164,7 +167,7 @@ class Server:
             for conn in core.take_forgotten():
                 self._lost(conn)
             core.set_cluster(self.cluster.view())
-            for conn, header, payload in core.flush():
+            for conn, header, payload in core.flush(now):
                 self._send(router, conn, header, payload, now)
             if self._pending_count:
                 self._retry_pending(router, now)

@@ -61,10 +61,19 @@ class ClientTable:
         self._changed.clear()
         return ClientDelta(self.server_id, self.version, False, upsert, removed)
 
+    @property
+    def pending(self) -> bool:
+        """Changes not yet published in a delta."""
+        return bool(self._changed)
+
     def snapshot(self) -> ClientDelta:
-        """The whole list at the current version. Publish pending changes with take_delta() first."""
-        if self._changed:
-            raise RuntimeError("snapshot() with unpublished changes: call take_delta() first")
+        """The whole list as it is now, labelled with the last published version.
+
+        Unpublished changes are already in it; the next delta (version + 1) repeats them, which a
+        list applies idempotently (an upsert carries the whole entry, a removal of an absent Id is
+        a no-op). So a newcomer can get its snapshot at once while a delta is being held back.
+        What a snapshot showed counts as published: removing it later must go out in a delta."""
+        self._published.update(self._entries)
         return ClientDelta(self.server_id, self.version, True, list(self._entries.values()), [])
 
 

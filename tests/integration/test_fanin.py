@@ -22,7 +22,7 @@ def ask(proc: subprocess.Popen, command: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(90)  # joins took 19-36 s on the CI machine since links and UDP probes (9-12 s before)
+@pytest.mark.timeout(60)
 def test_500_clients_converge_within_5s_and_a_join_costs_one_small_delta_each(start_server):
     server = start_server("fan-in", extra=[])
     started = time.monotonic()
@@ -45,8 +45,8 @@ def test_500_clients_converge_within_5s_and_a_join_costs_one_small_delta_each(st
         print(f"{TOTAL} clients: every list complete {took:.2f}s after the last join")
         assert took < 5.0
 
-        # Clients report their public UDP endpoint a moment after joining (one more delta each); under
-        # load some land late, so count only once every net state has settled.
+        # A client's Hello carries its public UDP endpoint when the reflector answered within 0.2 s;
+        # under load some answers land later (one more delta each): count only once all have settled.
         for proc in workers:
             proc.stdin.write("settle\n")
             proc.stdin.flush()

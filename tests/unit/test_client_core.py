@@ -109,3 +109,43 @@ def test_a_server_table_cannot_make_a_client_dial_more_than_max_servers():
     core.receive(0, flood, 0.0)
     assert len(core.sessions) == MAX_SERVERS
     assert core.servers_ignored == 3 * MAX_SERVERS - (MAX_SERVERS - 1)
+
+
+def _hellos(out: list[tuple[int, bytes]]) -> list[wire.Hello]:
+    return [h for h in (wire.decode(frame) for _, frame in out) if isinstance(h, wire.Hello)]
+
+
+def test_a_fresh_connection_asks_the_reflector_first_so_its_hello_carries_the_public_endpoint():
+    core = core_with(["tcp://a:1"])
+    assert core.transport_up(0, 10.0) == []  # no Hello yet: the probe goes first
+    [(index, nonce)] = core.probes(10.0)
+    assert index == 0 and core.tick(10.1) == []
+    [hello] = _hellos(core.observed(nonce, "203.0.113.7", 4000, 10.01))
+    assert hello.net.public == ["203.0.113.7:4000"]
+    core.receive(0, wire.Welcome("S-a", "a"), 10.02)
+    assert core.probes(11.5) == []  # answered already: no second round after the Welcome
+
+
+def test_without_an_answer_the_hello_goes_after_the_probe_wait_and_probing_goes_on():
+    from zbus.client_core import HELLO_PROBE_WAIT
+    core = core_with(["tcp://a:1"])
+    core.transport_up(0, 10.0)
+    [(_, nonce)] = core.probes(10.0)
+    assert _hellos(core.tick(10.0 + HELLO_PROBE_WAIT / 2)) == []
+    [hello] = _hellos(core.tick(10.0 + HELLO_PROBE_WAIT))
+    assert hello.net.public == []
+    core.receive(0, wire.Welcome("S-a", "a"), 10.3)
+    assert core.probes(11.0) == [(0, nonce)]  # still asking, now as a registered client
+    [(_, frame)] = core.observed(nonce, "203.0.113.7", 4000, 11.01)
+    assert wire.decode(frame) == wire.NetState(public=["203.0.113.7:4000"])  # reported once it is known
+
+
+def test_a_new_connection_asks_the_reflector_again():
+    core = core_with(["tcp://a:1"])
+    core.transport_up(0, 10.0)
+    [(_, nonce)] = core.probes(10.0)
+    core.observed(nonce, "203.0.113.7", 4000, 10.0)
+    core.transport_down(0)
+    assert core.transport_up(0, 20.0) == []
+    [(_, second)] = core.probes(20.0)
+    assert second != nonce

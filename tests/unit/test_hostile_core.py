@@ -196,7 +196,7 @@ def test_any_sequence_of_messages_leaves_the_core_consistent_and_bounded(events,
         if rng.random() < 0.2:
             core.expire(now)
         if rng.random() < 0.5:
-            for out_conn, out_header, _ in core.flush():
+            for out_conn, out_header, _ in core.flush(now):
                 assert core.may_queue(out_conn) or out_conn in core._needs_snapshot
                 wire.decode(out_header)
         core.take_forgotten()

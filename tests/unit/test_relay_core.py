@@ -22,7 +22,7 @@ def registered_core() -> ServerCore:
     assert decoded(core.receive(b"a", hello(A, "alice", "i-a", A_IN, A_OUT), 0.0)) == [
         (b"a", wire.Welcome("S-1", "s1"))]
     core.receive(b"b", hello(B, "bob", "i-b", B_IN, B_OUT), 0.0)
-    core.flush()
+    core.flush(0.0)
     return core
 
 
@@ -70,7 +70,7 @@ def test_newcomers_get_a_snapshot_and_listeners_get_one_delta():
     core = registered_core()
     carol = "C-00000000-0000-4000-8000-00000000000c"
     core.receive(b"c", hello(carol, "carol", "i-c", bytes([5]) * 16, bytes([6]) * 16), 0.0)
-    out = dict(decoded(core.flush()))
+    out = dict(decoded(core.flush(1.0)))
     assert out[b"c"].full and len(out[b"c"].upsert) == 3
     assert not out[b"a"].full and [i.name for i in out[b"a"].upsert] == ["carol"]
     assert out[b"a"].version == out[b"c"].version
@@ -113,3 +113,47 @@ def test_a_remembered_route_stamps_like_the_slow_path_and_is_forgotten_when_regi
     assert core.relay(A_OUT, wire.decode(raw), 10, raw)[0] == new_in
     core.connection_lost(b"a")
     assert core.fast_routes == {} and core.relay(A_OUT, wire.decode(raw), 10, raw) is None
+
+
+def test_a_join_storm_is_coalesced_into_few_deltas_while_newcomers_get_snapshots_at_once():
+    from zbus.relay import DELTA_MAX_DELAY_S, DELTA_SPACING_S
+    from zbus.tables import Applied, PeerList
+
+    core = ServerCore("S-1", "s1", "tcp://127.0.0.1:1")
+
+    def join(n: int, now: float) -> bytes:
+        conn = b"c%04d" % n
+        core.receive(conn, hello(f"C-00000000-0000-4000-8000-{n:012d}", f"n{n}", f"i{n}",
+                                 bytes([1]) + n.to_bytes(2, "big") * 7 + b"x", bytes([2]) + n.to_bytes(2, "big") * 7 + b"y"), now)
+        return conn
+
+    for n in range(200):
+        join(n, 0.0)
+    received: dict[bytes, list] = {}
+    for to, header in decoded(core.flush(0.0)):
+        if isinstance(header, wire.ClientDelta):
+            received.setdefault(to, []).append(header)
+    assert core.next_flush() is None
+    now = 1.0
+    for n in range(200, 240):  # 40 joins, 1 ms apart, with 200..239 listeners
+        now += 0.001
+        join(n, now)
+        for to, header in decoded(core.flush(now)):
+            if isinstance(header, wire.ClientDelta):
+                received.setdefault(to, []).append(header)
+    newcomers = [b"c%04d" % n for n in range(200, 240)]
+    assert all(received[c][0].full for c in newcomers)  # each newcomer got its snapshot at once
+    storm = received[b"c0000"][1:]  # after its own snapshot
+    spacing = 200 * DELTA_SPACING_S  # 20 ms here
+    assert 1 <= len(storm) <= 0.040 / spacing + 1  # 40 joins: at most 3 deltas, not 40
+    due = core.next_flush()
+    assert due is not None and due <= now + DELTA_MAX_DELAY_S
+    for to, header in decoded(core.flush(due)):
+        received.setdefault(to, []).append(header)
+    assert core.next_flush() is None
+    for conn in [b"c0000", *newcomers]:  # every list now holds all 240: its snapshot + the deltas
+        peers = PeerList()
+        assert received[conn][0].full
+        for header in received[conn]:
+            assert peers.apply(header) is Applied.APPLIED
+        assert len(peers.entries) == 240

@@ -80,3 +80,30 @@ def test_lossy_delivery_with_resync_converges(ops, seed):
     if table.version != peers.version:
         peers.apply(table.snapshot())
     assert peers.entries == {e.id: e for e in table.entries()}
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 20)), max_size=60))
+def test_a_snapshot_taken_while_changes_are_held_back_converges_with_the_next_delta(ops):
+    """A server may hold a delta back (coalescing) and still give a newcomer its snapshot at once."""
+    table = ClientTable("S-1")
+    lists = []  # every newcomer's list, joined at some point with changes possibly held back
+    for op, n in ops:
+        if op == 0:
+            table.upsert(info(n))
+        elif op == 1:
+            table.remove(f"C-{n}")
+        else:
+            newcomer = PeerList()
+            assert newcomer.apply(table.snapshot()) is Applied.APPLIED
+            lists.append(newcomer)
+        if n % 3 == 0:  # publish now and then
+            delta = table.take_delta()
+            if delta is not None:
+                for peers in lists:
+                    assert peers.apply(delta) is Applied.APPLIED
+    delta = table.take_delta()
+    for peers in lists:
+        if delta is not None:
+            assert peers.apply(delta) is Applied.APPLIED
+        assert peers.entries == {e.id: e for e in table.entries()}
