@@ -33,11 +33,11 @@ import zmq.backend
 from . import sockets, wire
 from .config import ClientConfig, load_client_config
 from .dataplane import (
-    _LINK_SEQ_PACK, _MORE, _NO_SOCKET, _NOBLOCK_MORE, _SEND_COPY, _SEQ_PACK, ACK_TIMEOUT_S, DataPlane, Message, _AckWait, _Call,
+    _LINK_SEQ_PACK, _MORE, _NO_SOCKET, _NOBLOCK_MORE, _SEND_COPY, _SEQ_PACK, DataPlane, Message, _AckWait, _Call,
 )
 from .delivery import Receiver, Sender
-from .engine import Engine
-from .errors import IdInUse, Unreachable, ZbusError
+from .engine import SEND_SLICE_MS, Engine
+from .errors import Backpressure, IdInUse, Unreachable, ZbusError
 from .ids import new_client_id
 from .relay import TOKEN_BYTES
 from .routing import Routes, choose_path
@@ -233,12 +233,24 @@ class Client(_ClientBase):
         """Send ``data`` to the client ``dst`` by the best path. Blocks only under backpressure.
 
         Raises ``Unreachable`` if no path to ``dst`` is known, ``Disconnected`` if no server is.
+        When the path stays full for ``timeout`` seconds (None: the ``send_timeout`` config key,
+        10 s; 0: do not wait) raises ``Backpressure``, with nothing of the message sent.
         ``ack=True``: return only once ``dst`` has received the message (repeated over any path,
-        delivered once); ``TimeoutError`` after ``timeout`` seconds (default 10) without that.
+        delivered once); ``TimeoutError`` if that did not happen within ``timeout`` (which covers
+        the wait for room too).
         """
-        seq = self._send_one(dst, data)
+        if timeout is None and not ack:
+            self._send_one(dst, data)  # the hot path
+            return
+        limit = self.config.send_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        with self._tx_lock:
+            if self._closed:
+                raise ZbusError(f"{self.id} is closed")
+            call = _Call(self._sender.streams.get(dst) or self._sender.stream(dst))
+            seq = self._send_waiting(dst, data, call, deadline, limit)
         if ack:
-            self._await_ack(dst, seq, ACK_TIMEOUT_S if timeout is None else timeout)
+            self._await_ack(dst, seq, max(0.0, deadline - time.monotonic()))
 
     def _send_one(self, dst: str, data: bytes) -> int:
         with self._tx_lock:
@@ -253,22 +265,41 @@ class Client(_ClientBase):
                         _SEND_COPY(sock, _LINK_SEQ_PACK(seq) if prefix is None else prefix + _SEQ_PACK(0xCF, seq), _MORE)
                         sock.send(data, 0, copy=False)
                     return seq
-                except zmq.Again:
+                except zmq.Again:  # the pipe stayed full for SNDTIMEO already
                     call = _Call(stream)
                     call.seq = seq
-            else:
-                if self._closed:
-                    raise ZbusError(f"{self.id} is closed")
-                call = _Call(self._sender.streams.get(dst) or self._sender.stream(dst))
-            while True:
-                full = self._attempt(dst, data, call, _MORE)  # blocks up to SNDTIMEO on a full pipe
-                if full is None:
-                    return call.seq
-                if self._closed:
-                    raise ZbusError(f"{self.id} is closed")
-                if full is _NO_SOCKET:
-                    routes = self._engine.routes
-                    self._engine.wait_for(lambda r: r is not routes, 0.05)
+                    limit = self.config.send_timeout
+                    return self._send_waiting(dst, data, call, time.monotonic() + limit - SEND_SLICE_MS / 1000, limit)
+            if self._closed:
+                raise ZbusError(f"{self.id} is closed")
+            call = _Call(self._sender.streams.get(dst) or self._sender.stream(dst))
+            limit = self.config.send_timeout
+            return self._send_waiting(dst, data, call, time.monotonic() + limit, limit)
+
+    def _send_waiting(self, dst: str, data: bytes, call: _Call, deadline: float, limit: float) -> int:
+        """Move one message on, waiting for room on a full path until ``deadline``; the send lock is held.
+
+        Waits in SNDTIMEO slices (a blocking send), or with a poll for the last bit of the time; past
+        ``deadline`` the message is taken back (nothing of it left) and ``Backpressure`` raised.
+        """
+        while True:
+            left = deadline - time.monotonic()
+            more = _MORE if left >= SEND_SLICE_MS / 1000 else _NOBLOCK_MORE
+            full = self._attempt(dst, data, call, more)  # with _MORE: blocks up to SNDTIMEO on a full pipe
+            if full is None:
+                return call.seq
+            if self._closed:
+                raise ZbusError(f"{self.id} is closed")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._give_back(call)
+                raise Backpressure(f"no room towards {dst} for {limit}s (it or a server on the way does not keep "
+                                   "up); nothing of this message was sent")
+            if full is _NO_SOCKET:
+                routes = self._engine.routes
+                self._engine.wait_for(lambda r: r is not routes, min(0.05, left))
+            elif more == _NOBLOCK_MORE:
+                full.poll(max(1, int(left * 1000)), zmq.POLLOUT)
 
     def recv(self, timeout: float | None = None) -> Message:
         """The next message; raise ``TimeoutError`` after ``timeout`` seconds (None: wait forever)."""
@@ -373,8 +404,11 @@ class AsyncClient(_ClientBase):
         return self
 
     async def send(self, dst: str, data: bytes, ack: bool = False, timeout: float | None = None) -> None:
-        """As :meth:`Client.send`; ``ack=True`` waits (in a worker thread) for the acknowledgement."""
+        """As :meth:`Client.send` (``Backpressure`` after ``timeout`` without room); ``ack=True`` waits
+        for the acknowledgement on the loop."""
         call = None
+        deadline = None if timeout is None and not ack else \
+            time.monotonic() + (self.config.send_timeout if timeout is None else timeout)
         while True:
             if self._closed:
                 raise ZbusError(f"{self.id} is closed")
@@ -382,16 +416,29 @@ class AsyncClient(_ClientBase):
                 if call is None:
                     call = _Call(self._sender.streams.get(dst) or self._sender.stream(dst))
                 full = self._attempt(dst, data, call, _NOBLOCK_MORE)
+                if full is not None:
+                    if deadline is None:  # the clock starts at the first full pipe (the hot path reads none)
+                        deadline = time.monotonic() + self.config.send_timeout
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self._give_back(call)
+                        limit = self.config.send_timeout if timeout is None else timeout
+                        raise Backpressure(f"no room towards {dst} for {limit}s (it or a server on the way does "
+                                           "not keep up); nothing of this message was sent")
             if full is None:
                 if ack:
-                    await self._await_ack_async(dst, call.seq, ACK_TIMEOUT_S if timeout is None else timeout)
+                    await self._await_ack_async(dst, call.seq, max(0.0, deadline - time.monotonic()))
                 return
+            wait_ms = max(1, min(_SLICE_MS, int(left * 1000)))
             if full is _NO_SOCKET or not any(full is data.out for data in self._engine.data):
                 # A link's socket may be closed by the engine once we let go of the lock, so it is
                 # never waited on outside it: retry shortly instead.
-                await asyncio.sleep(0.002)
+                await asyncio.sleep(min(0.002, left))
                 continue
-            await zmq.asyncio.Socket.shadow(full.underlying).poll(_SLICE_MS, zmq.POLLOUT)
+            try:
+                await zmq.asyncio.Socket.shadow(full.underlying).poll(wait_ms, zmq.POLLOUT)
+            except zmq.Again:  # zmq.asyncio reports a poll that timed out on a shadow this way
+                pass
 
     async def _await_ack_async(self, dst: str, seq: int, timeout: float) -> None:
         """As ``_await_ack``, on the event loop (which is also where ``recv`` reads the sockets)."""

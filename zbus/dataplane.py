@@ -43,7 +43,6 @@ _EVENTS = int(zmq.EVENTS)
 _SEND_COPY = zmq.backend.Socket.send
 _RCVMORE = int(zmq.RCVMORE)
 _POLLIN = int(zmq.POLLIN)
-ACK_TIMEOUT_S = 10.0  # send(..., ack=True) default
 ACK_REQUEST_RETRY_S = 0.5  # a waiting sender asks again this often
 _ACK_LOCK_WAIT_S = 0.05  # how long a user thread waits for the send lock to pass a control message
 _BACKLOG_READ_MAX = 1000  # messages read per wake-up while waiting for an ack
@@ -147,6 +146,13 @@ class DataPlane:
         call.transmitted = True
         self._fast[dst] = (routes, sock, prefix, stream)
         return None
+
+    @staticmethod
+    def _give_back(call: _Call) -> None:
+        """A send gave up (Backpressure): take its message back unless some of it already left."""
+        if call.seq is not None and not call.transmitted:
+            call.stream.unpush(call.seq)
+            call.seq = None
 
     @staticmethod
     def _put(sock: zmq.Socket, prefix: bytes | None, seq: int, payload: Any, more: int) -> None:

@@ -107,7 +107,11 @@ class Server:
 
     def run(self) -> None:
         """Bind and serve until :meth:`stop` is called."""
-        router = sockets.tune(sockets.context().socket(zmq.ROUTER), max_frame=self.config.max_frame)
+        # No ZMTP heartbeats of our own (sockets.tune): while intake is paused (max_pending) libzmq reads
+        # no connection whose pipe is full, and our heartbeat timeouts would cut exactly the senders we
+        # push back on, losing what their pipes hold. Clients' control connections still ping us (and
+        # so notice our death); silent clients expire by client_timeout; dead TCP by keepalive.
+        router = sockets.tune(sockets.context().socket(zmq.ROUTER), max_frame=self.config.max_frame, heartbeat=False)
         try:
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting data connection takes its id back
@@ -142,11 +146,13 @@ class Server:
             poll_started = time.monotonic()
             timeout = RETRY_MS if self._pending_count else POLL_MS
             if paused:
-                poller.modify(router, 0)
-            ready = poller.poll(timeout)
-            if paused:
-                poller.modify(router, zmq.POLLIN)
+                # Not reading: wait (a poller with nothing to poll for would return at once, spin, and
+                # let the clock run, expiring clients whose heartbeats we are not reading).
+                self._stopping.wait(timeout / 1000)
+                ready = None
                 paused_total += time.monotonic() - poll_started
+            else:
+                ready = poller.poll(timeout)
             now = time.monotonic() - paused_total
             if ready and not paused:
                 on_frames = self._on_frames
