@@ -89,6 +89,10 @@ def test_a_receiver_that_does_not_read_pushes_back_and_loses_nothing(start_serve
     with pytest.raises(zbus.Backpressure):
         alice.send(dst, payload(10**7), timeout=0)
     assert time.monotonic() - started < 0.1
+    started = time.monotonic()
+    with pytest.raises(zbus.Backpressure):  # with ack=True the timeout covers the wait for room too
+        alice.send(dst, payload(10**7), ack=True, timeout=0.5)
+    assert time.monotonic() - started < 0.5 + SLACK_S
 
     growth = keep_trying(alice, dst, len(sent) + 1, sent, [os.getpid(), server.proc.pid])
     assert all(kb < RSS_GROWTH_LIMIT_KB for kb in growth.values()), growth
