@@ -46,6 +46,7 @@ from .routing import Routes, choose_path
 from .wire import LINK_INLINE_MAX
 
 _SLICE_MS = 200  # blocking calls wake this often so Ctrl-C, close() and lost servers get through
+_SEND_SLICE_S = SEND_SLICE_MS / 1000  # a blocking send on a full pipe waits this long (SNDTIMEO)
 _SERVE_SLICE_S = 0.02  # the request server holds the receive lock at most this long at a time
 _CLOSE_LINGER_MS = 2000  # how long close() lets already-sent messages drain to the servers
 _BYE = wire.encode(wire.Bye())
@@ -234,6 +235,9 @@ class Client(_ClientBase):
         self._poller = zmq.Poller()
         self._serve_wake = threading.Condition()
         self._server_thread: threading.Thread | None = None
+        # send()'s wait when its timeout is None; a wait under one SNDTIMEO slice avoids the fast path
+        # (whose first wait on a full pipe is a whole slice).
+        self._default_wait = self.config.send_timeout
         self._engine.start()
         self._engine.wait_for(self._settled, self.config.connect_timeout)
         try:
@@ -252,8 +256,8 @@ class Client(_ClientBase):
         delivered once); ``TimeoutError`` if that did not happen within ``timeout`` (which covers
         the wait for room too).
         """
-        if timeout is None and not ack:
-            self._send_one(dst, data)  # the hot path
+        if not ack and (self._default_wait if timeout is None else timeout) >= _SEND_SLICE_S:
+            self._send_one(dst, data, timeout)  # the hot path (its first wait is one SNDTIMEO slice)
             return
         limit = self.config.send_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
@@ -265,7 +269,7 @@ class Client(_ClientBase):
         if ack:
             self._await_ack(dst, seq, max(0.0, deadline - time.monotonic()))
 
-    def _send_one(self, dst: str, data: bytes) -> int:
+    def _send_one(self, dst: str, data: bytes, timeout: float | None = None) -> int:
         with self._tx_lock:
             fast = self._fast.get(dst)
             if fast is not None and fast[0] is self._engine.routes and not self._closed:
@@ -281,12 +285,12 @@ class Client(_ClientBase):
                 except zmq.Again:  # the pipe stayed full for SNDTIMEO already
                     call = _Call(stream)
                     call.seq = seq
-                    limit = self.config.send_timeout
-                    return self._send_waiting(dst, data, call, time.monotonic() + limit - SEND_SLICE_MS / 1000, limit)
+                    limit = self.config.send_timeout if timeout is None else timeout
+                    return self._send_waiting(dst, data, call, time.monotonic() + limit - _SEND_SLICE_S, limit)
             if self._closed:
                 raise ZbusError(f"{self.id} is closed")
             call = _Call(self._sender.streams.get(dst) or self._sender.stream(dst))
-            limit = self.config.send_timeout
+            limit = self.config.send_timeout if timeout is None else timeout
             return self._send_waiting(dst, data, call, time.monotonic() + limit, limit)
 
     def _send_waiting(self, dst: str, data: bytes, call: _Call, deadline: float, limit: float) -> int:
@@ -297,7 +301,7 @@ class Client(_ClientBase):
         """
         while True:
             left = deadline - time.monotonic()
-            more = _MORE if left >= SEND_SLICE_MS / 1000 else _NOBLOCK_MORE
+            more = _MORE if left >= _SEND_SLICE_S else _NOBLOCK_MORE
             full = self._attempt(dst, data, call, more)  # with _MORE: blocks up to SNDTIMEO on a full pipe
             if full is None:
                 return call.seq

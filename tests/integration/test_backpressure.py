@@ -149,4 +149,9 @@ def test_send_timeout_config_key_is_the_default(start_server, clients, tmp_path)
     with pytest.raises(zbus.Backpressure, match="0.3s"):
         alice.send(dst, payload(10**7))
     assert time.monotonic() - started < 0.3 + SLACK_S
+    alice.config.send_timeout = alice._default_wait = 0.0  # a default of 0: raise at once
+    started = time.monotonic()
+    with pytest.raises(zbus.Backpressure):
+        alice.send(dst, payload(10**7))
+    assert time.monotonic() - started < 0.1
     assert drain(deaf, len(sent)) == sent
