@@ -141,14 +141,17 @@ class Server:
         assert core is not None
         next_sweep = 0.0
         paused_total = 0.0  # the core's clock stops while we are not reading, so no one expires
+        drained = False  # the last retry moved queued messages out: retry again at once
         while not self._stopping.is_set():
             paused = self._pending_count >= self.config.max_pending
             poll_started = time.monotonic()
             timeout = RETRY_MS if self._pending_count else POLL_MS
             if paused:
-                # Not reading: wait (a poller with nothing to poll for would return at once, spin, and
-                # let the clock run, expiring clients whose heartbeats we are not reading).
-                self._stopping.wait(timeout / 1000)
+                # Not reading. While the queues drain, go straight on; while they are stuck, wait
+                # (a poller with nothing to poll for returns at once: that spun at 100 % CPU with the
+                # clock running, and expired the clients whose heartbeats we were not reading).
+                if not drained:
+                    self._stopping.wait(timeout / 1000)
                 ready = None
                 paused_total += time.monotonic() - poll_started
             else:
@@ -173,7 +176,11 @@ class Server:
             for conn, header, payload in core.flush():
                 self._send(router, conn, header, payload, now)
             if self._pending_count:
+                before = self._pending_count
                 self._retry_pending(router, now)
+                drained = self._pending_count < before
+            else:
+                drained = False
 
     def _on_frames(self, router: zmq.Socket, frames: list[zmq.Frame], now: float) -> None:
         core = self.core
