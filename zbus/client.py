@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import os
 import random
 import threading
 import time
 import types
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import zmq
 import zmq.asyncio
@@ -33,17 +34,20 @@ import zmq.backend
 from . import sockets, wire
 from .config import ClientConfig, load_client_config
 from .dataplane import (
-    _LINK_SEQ_PACK, _MORE, _NO_SOCKET, _NOBLOCK_MORE, _SEND_COPY, _SEQ_PACK, ACK_TIMEOUT_S, DataPlane, Message, _AckWait, _Call,
+    _ACK_LOCK_WAIT_S, _LINK_SEQ_PACK, _MORE, _NO_SOCKET, _NOBLOCK_MORE, _SEND_COPY, _SEQ_PACK, BACKLOG_MAX, DataPlane,
+    Message, _AckWait, _Call, handler_error,
 )
 from .delivery import Receiver, Sender
-from .engine import Engine
-from .errors import IdInUse, Unreachable, ZbusError
+from .engine import SEND_SLICE_MS, Engine
+from .errors import Backpressure, IdInUse, Unreachable, ZbusError
 from .ids import new_client_id
 from .relay import TOKEN_BYTES
 from .routing import Routes, choose_path
 from .wire import LINK_INLINE_MAX
 
 _SLICE_MS = 200  # blocking calls wake this often so Ctrl-C, close() and lost servers get through
+_SEND_SLICE_S = SEND_SLICE_MS / 1000  # a blocking send on a full pipe waits this long (SNDTIMEO)
+_SERVE_SLICE_S = 0.02  # the request server holds the receive lock at most this long at a time
 _CLOSE_LINGER_MS = 2000  # how long close() lets already-sent messages drain to the servers
 _BYE = wire.encode(wire.Bye())
 
@@ -127,6 +131,14 @@ class _ClientBase(DataPlane):
         self._ctl.connect(self._engine.ctl_endpoint)
         self._polled: tuple = ()  # the engine's data sockets our poller was built for
         self._hot: zmq.Socket | None = None  # the data socket that delivered last (read first)
+        # request/reply (dataplane.py): our waiting requests by rid; the handler, its queue, its replies
+        self._calls: dict[int, Any] = {}
+        self._reply_changed = threading.Condition()
+        self._handler: Any = None
+        self._serve_lock = threading.Lock()
+        self._requests_in: collections.deque[tuple[str, int, bytes]] = collections.deque()
+        self._served: collections.OrderedDict[tuple[str, int], bytes | None] = collections.OrderedDict()
+        self._served_bytes = 0
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} name={self.name!r}>"
@@ -221,6 +233,11 @@ class Client(_ClientBase):
         super().__init__(servers, name, **kwargs)
         self._rx_lock = threading.Lock()
         self._poller = zmq.Poller()
+        self._serve_wake = threading.Condition()
+        self._server_thread: threading.Thread | None = None
+        # send()'s wait when its timeout is None; a wait under one SNDTIMEO slice avoids the fast path
+        # (whose first wait on a full pipe is a whole slice).
+        self._default_wait = self.config.send_timeout
         self._engine.start()
         self._engine.wait_for(self._settled, self.config.connect_timeout)
         try:
@@ -233,14 +250,26 @@ class Client(_ClientBase):
         """Send ``data`` to the client ``dst`` by the best path. Blocks only under backpressure.
 
         Raises ``Unreachable`` if no path to ``dst`` is known, ``Disconnected`` if no server is.
+        When the path stays full for ``timeout`` seconds (None: the ``send_timeout`` config key,
+        10 s; 0: do not wait) raises ``Backpressure``, with nothing of the message sent.
         ``ack=True``: return only once ``dst`` has received the message (repeated over any path,
-        delivered once); ``TimeoutError`` after ``timeout`` seconds (default 10) without that.
+        delivered once); ``TimeoutError`` if that did not happen within ``timeout`` (which covers
+        the wait for room too).
         """
-        seq = self._send_one(dst, data)
+        if not ack and (self._default_wait if timeout is None else timeout) >= _SEND_SLICE_S:
+            self._send_one(dst, data, timeout)  # the hot path (its first wait is one SNDTIMEO slice)
+            return
+        limit = self.config.send_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        with self._tx_lock:
+            if self._closed:
+                raise ZbusError(f"{self.id} is closed")
+            call = _Call(self._sender.streams.get(dst) or self._sender.stream(dst))
+            seq = self._send_waiting(dst, data, call, deadline, limit)
         if ack:
-            self._await_ack(dst, seq, ACK_TIMEOUT_S if timeout is None else timeout)
+            self._await_ack(dst, seq, max(0.0, deadline - time.monotonic()))
 
-    def _send_one(self, dst: str, data: bytes) -> int:
+    def _send_one(self, dst: str, data: bytes, timeout: float | None = None) -> int:
         with self._tx_lock:
             fast = self._fast.get(dst)
             if fast is not None and fast[0] is self._engine.routes and not self._closed:
@@ -253,22 +282,41 @@ class Client(_ClientBase):
                         _SEND_COPY(sock, _LINK_SEQ_PACK(seq) if prefix is None else prefix + _SEQ_PACK(0xCF, seq), _MORE)
                         sock.send(data, 0, copy=False)
                     return seq
-                except zmq.Again:
+                except zmq.Again:  # the pipe stayed full for SNDTIMEO already
                     call = _Call(stream)
                     call.seq = seq
-            else:
-                if self._closed:
-                    raise ZbusError(f"{self.id} is closed")
-                call = _Call(self._sender.streams.get(dst) or self._sender.stream(dst))
-            while True:
-                full = self._attempt(dst, data, call, _MORE)  # blocks up to SNDTIMEO on a full pipe
-                if full is None:
-                    return call.seq
-                if self._closed:
-                    raise ZbusError(f"{self.id} is closed")
-                if full is _NO_SOCKET:
-                    routes = self._engine.routes
-                    self._engine.wait_for(lambda r: r is not routes, 0.05)
+                    limit = self.config.send_timeout if timeout is None else timeout
+                    return self._send_waiting(dst, data, call, time.monotonic() + limit - _SEND_SLICE_S, limit)
+            if self._closed:
+                raise ZbusError(f"{self.id} is closed")
+            call = _Call(self._sender.streams.get(dst) or self._sender.stream(dst))
+            limit = self.config.send_timeout if timeout is None else timeout
+            return self._send_waiting(dst, data, call, time.monotonic() + limit, limit)
+
+    def _send_waiting(self, dst: str, data: bytes, call: _Call, deadline: float, limit: float) -> int:
+        """Move one message on, waiting for room on a full path until ``deadline``; the send lock is held.
+
+        Waits in SNDTIMEO slices (a blocking send), or with a poll for the last bit of the time; past
+        ``deadline`` the message is taken back (nothing of it left) and ``Backpressure`` raised.
+        """
+        while True:
+            left = deadline - time.monotonic()
+            more = _MORE if left >= _SEND_SLICE_S else _NOBLOCK_MORE
+            full = self._attempt(dst, data, call, more)  # with _MORE: blocks up to SNDTIMEO on a full pipe
+            if full is None:
+                return call.seq
+            if self._closed:
+                raise ZbusError(f"{self.id} is closed")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._give_back(call)
+                raise Backpressure(f"no room towards {dst} for {limit}s (it or a server on the way does not keep "
+                                   "up); nothing of this message was sent")
+            if full is _NO_SOCKET:
+                routes = self._engine.routes
+                self._engine.wait_for(lambda r: r is not routes, min(0.05, left))
+            elif more == _NOBLOCK_MORE:
+                full.poll(max(1, int(left * 1000)), zmq.POLLOUT)
 
     def recv(self, timeout: float | None = None) -> Message:
         """The next message; raise ``TimeoutError`` after ``timeout`` seconds (None: wait forever)."""
@@ -286,17 +334,95 @@ class Client(_ClientBase):
                     return message
                 if deadline is None and timeout is not None:
                     deadline = time.monotonic() + timeout
-                if self._poll_set_changed():
-                    self._poller = zmq.Poller()
-                    self._poller.register(self._engine.link_in, zmq.POLLIN)
-                    for data in self._polled:
-                        self._poller.register(data.inn, zmq.POLLIN)
                 left_ms = _SLICE_MS if deadline is None else int(max(0.0, deadline - time.monotonic()) * 1000)
-                ready = self._poller.poll(min(left_ms, _SLICE_MS))
-                if ready:
-                    self._hot = ready[0][0]
-                elif deadline is not None and time.monotonic() >= deadline:
+                if not self._poll(min(left_ms, _SLICE_MS)) and deadline is not None \
+                        and time.monotonic() >= deadline:
                     raise TimeoutError(f"no message within {timeout}s")
+
+    def _poll(self, timeout_ms: int) -> bool:
+        """Wait until a data socket is readable (the receive lock is held); True if one is."""
+        if self._poll_set_changed():
+            self._poller = zmq.Poller()
+            self._poller.register(self._engine.link_in, zmq.POLLIN)
+            for data in self._polled:
+                self._poller.register(data.inn, zmq.POLLIN)
+        ready = self._poller.poll(timeout_ms)
+        if ready:
+            self._hot = ready[0][0]
+        return bool(ready)
+
+    def request(self, dst: str, data: bytes, timeout: float | None = None) -> bytes:
+        """Send ``data`` to the request handler of the client ``dst`` (an Id); return its reply.
+
+        Repeated until the reply comes (paths may change, servers die); the handler runs once.
+        Raises ``TimeoutError`` after ``timeout`` seconds (default 10), ``Unreachable`` /
+        ``Disconnected`` at once if ``dst`` has no path, ``RemoteError`` if the handler raised or
+        ``dst`` has none. Thread-safe: many threads may wait for replies at once.
+        """
+        pending, header = self._request_start(dst, data, timeout)
+        try:
+            while not self._request_step(pending, header, _ACK_LOCK_WAIT_S):
+                if self._rx_lock.acquire(blocking=False):  # no one reads: read for ourselves
+                    try:
+                        if not self._closed:
+                            self._read_into_backlog()
+                    finally:
+                        self._rx_lock.release()
+                with self._reply_changed:
+                    if pending.reply is None:
+                        self._reply_changed.wait(pending.next_pause())
+            return self._request_result(pending)
+        finally:
+            self._calls.pop(pending.rid, None)
+
+    def on_request(self, handler: Callable[[str, bytes], bytes] | None) -> None:
+        """Serve requests with ``handler(src, data) -> bytes`` (None: stop; requests are then answered
+        with a RemoteError). It runs on a thread of the client, one request at a time; that thread
+        also reads the sockets while no one is in ``recv`` (keeping plain messages for ``recv``)."""
+        if handler is not None and not callable(handler):
+            raise TypeError(f"on_request needs a callable or None, not {type(handler).__name__}")
+        if self._closed:
+            raise ZbusError(f"{self.id} is closed")
+        self._handler = handler
+        if handler is not None and self._server_thread is None:
+            self._server_thread = threading.Thread(target=self._serve, name=f"zbus-requests-{self.id[:10]}",
+                                                   daemon=True)
+            self._server_thread.start()
+
+    def _serve(self) -> None:
+        """The request server: runs the handler on queued requests; reads the sockets when no one does."""
+        idle_ms = 1
+        while not self._closed:
+            item = self._take_request()
+            if item is not None:
+                src, rid, data = item
+                handler = self._handler
+                try:
+                    if handler is None:
+                        raise ZbusError("no request handler (on_request(None) was called)")
+                    result, error = handler(src, data), ""
+                except Exception as exc:  # reported to the requester, which raises RemoteError
+                    result, error = None, handler_error(exc)
+                self._finish_request(src, rid, result, error)
+                idle_ms = 1
+                continue
+            if len(self._ready) < BACKLOG_MAX and self._rx_lock.acquire(timeout=_SERVE_SLICE_S):
+                try:  # no one is in recv: read for ourselves, then wait for the sockets a little
+                    if self._closed:
+                        return
+                    self._read_into_backlog()
+                    if not self._requests_in and len(self._ready) < BACKLOG_MAX:
+                        idle_ms = 1 if self._poll(idle_ms) else min(idle_ms * 2, int(_SERVE_SLICE_S * 1000))
+                finally:
+                    self._rx_lock.release()
+            else:
+                with self._serve_wake:  # someone is in recv (it queues requests for us), or the backlog is full
+                    if not self._requests_in:
+                        self._serve_wake.wait(_SERVE_SLICE_S)
+
+    def _wake_server(self) -> None:
+        with self._serve_wake:
+            self._serve_wake.notify()
 
     def peers(self) -> dict[str, Peer]:
         return self._peers()
@@ -334,6 +460,10 @@ class Client(_ClientBase):
         if self._closed:
             return
         self._closed = True
+        server = self._server_thread
+        if server is not None and server is not threading.current_thread():
+            self._wake_server()
+            server.join(_CLOSE_LINGER_MS / 1000)  # a handler still running is left to finish on its own
         with self._tx_lock, self._rx_lock:
             self._close_sockets_and_engine()
 
@@ -360,6 +490,9 @@ class AsyncClient(_ClientBase):
     def __init__(self, servers: list[str] | None = None, name: str | None = None, **kwargs: Any) -> None:
         super().__init__(servers, name, **kwargs)
         self._poller = zmq.asyncio.Poller()
+        self._receivers = 0  # recv calls waiting on the sockets (the request server then does not read)
+        self._serve_task: asyncio.Task | None = None
+        self._serve_event: asyncio.Event | None = None
 
     async def start(self) -> "AsyncClient":
         if not self._engine._started:
@@ -373,8 +506,11 @@ class AsyncClient(_ClientBase):
         return self
 
     async def send(self, dst: str, data: bytes, ack: bool = False, timeout: float | None = None) -> None:
-        """As :meth:`Client.send`; ``ack=True`` waits (in a worker thread) for the acknowledgement."""
+        """As :meth:`Client.send` (``Backpressure`` after ``timeout`` without room); ``ack=True`` waits
+        for the acknowledgement on the loop."""
         call = None
+        deadline = None if timeout is None and not ack else \
+            time.monotonic() + (self.config.send_timeout if timeout is None else timeout)
         while True:
             if self._closed:
                 raise ZbusError(f"{self.id} is closed")
@@ -382,16 +518,29 @@ class AsyncClient(_ClientBase):
                 if call is None:
                     call = _Call(self._sender.streams.get(dst) or self._sender.stream(dst))
                 full = self._attempt(dst, data, call, _NOBLOCK_MORE)
+                if full is not None:
+                    if deadline is None:  # the clock starts at the first full pipe (the hot path reads none)
+                        deadline = time.monotonic() + self.config.send_timeout
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self._give_back(call)
+                        limit = self.config.send_timeout if timeout is None else timeout
+                        raise Backpressure(f"no room towards {dst} for {limit}s (it or a server on the way does "
+                                           "not keep up); nothing of this message was sent")
             if full is None:
                 if ack:
-                    await self._await_ack_async(dst, call.seq, ACK_TIMEOUT_S if timeout is None else timeout)
+                    await self._await_ack_async(dst, call.seq, max(0.0, deadline - time.monotonic()))
                 return
+            wait_ms = max(1, min(_SLICE_MS, int(left * 1000)))
             if full is _NO_SOCKET or not any(full is data.out for data in self._engine.data):
                 # A link's socket may be closed by the engine once we let go of the lock, so it is
                 # never waited on outside it: retry shortly instead.
-                await asyncio.sleep(0.002)
+                await asyncio.sleep(min(0.002, left))
                 continue
-            await zmq.asyncio.Socket.shadow(full.underlying).poll(_SLICE_MS, zmq.POLLOUT)
+            try:
+                await zmq.asyncio.Socket.shadow(full.underlying).poll(wait_ms, zmq.POLLOUT)
+            except zmq.Again:  # zmq.asyncio reports a poll that timed out on a shadow this way
+                pass
 
     async def _await_ack_async(self, dst: str, seq: int, timeout: float) -> None:
         """As ``_await_ack``, on the event loop (which is also where ``recv`` reads the sockets)."""
@@ -401,6 +550,16 @@ class AsyncClient(_ClientBase):
             await asyncio.sleep(waiting.next_pause())
 
     async def recv(self, timeout: float | None = None) -> Message:
+        message = self._try_recv() if not self._closed else None
+        if message is not None:
+            return message
+        self._receivers += 1
+        try:
+            return await self._recv_waiting(timeout)
+        finally:
+            self._receivers -= 1
+
+    async def _recv_waiting(self, timeout: float | None) -> Message:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._closed:
@@ -417,6 +576,70 @@ class AsyncClient(_ClientBase):
             if not await self._poller.poll(min(left_ms, _SLICE_MS)) and deadline is not None \
                     and time.monotonic() >= deadline:
                 raise TimeoutError(f"no message within {timeout}s")
+
+    async def request(self, dst: str, data: bytes, timeout: float | None = None) -> bytes:
+        """As :meth:`Client.request`, awaitable; many may wait at once."""
+        pending, header = self._request_start(dst, data, timeout)
+        try:
+            while not self._request_step(pending, header, 0.0):
+                if not self._receivers:  # a recv waiting on the sockets reads (and dispatches) for us
+                    self._read_into_backlog()
+                    if pending.reply is not None:
+                        break
+                await asyncio.sleep(pending.next_pause())
+            return self._request_result(pending)
+        finally:
+            self._calls.pop(pending.rid, None)
+
+    def on_request(self, handler: Callable[[str, bytes], Any] | None) -> None:
+        """As :meth:`Client.on_request`; ``handler`` may be ``async def``. Call it on the client's loop:
+        requests are served by a task there, one at a time (a plain function blocks the loop while it runs)."""
+        if handler is not None and not callable(handler):
+            raise TypeError(f"on_request needs a callable or None, not {type(handler).__name__}")
+        if self._closed:
+            raise ZbusError(f"{self.id} is closed")
+        self._handler = handler
+        if handler is not None and self._serve_task is None:
+            self._serve_event = asyncio.Event()
+            self._serve_task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def _serve(self) -> None:
+        """The request server task: runs the handler on queued requests; reads the sockets (on the loop)
+        while no recv waits on them, in slices that grow to _SERVE_SLICE_S while idle."""
+        pause = 0.001
+        while not self._closed:
+            item = self._take_request()
+            if item is not None:
+                src, rid, data = item
+                handler = self._handler
+                try:
+                    if handler is None:
+                        raise ZbusError("no request handler (on_request(None) was called)")
+                    result, error = handler(src, data), ""
+                    if inspect.isawaitable(result):
+                        result = await result
+                except Exception as exc:  # reported to the requester, which raises RemoteError
+                    result, error = None, handler_error(exc)
+                if self._closed:
+                    return
+                self._finish_request(src, rid, result, error)
+                pause = 0.001
+                continue
+            if not self._receivers and len(self._ready) < BACKLOG_MAX:
+                before = len(self._ready)
+                self._read_into_backlog()
+                if self._requests_in or len(self._ready) != before:
+                    pause = 0.001
+                    continue
+            try:
+                await asyncio.wait_for(self._serve_event.wait(), pause)
+            except TimeoutError:
+                pause = min(pause * 2, _SERVE_SLICE_S)
+            self._serve_event.clear()
+
+    def _wake_server(self) -> None:
+        if self._serve_event is not None:
+            self._serve_event.set()
 
     async def peers(self) -> dict[str, Peer]:
         return self._peers()
@@ -449,6 +672,13 @@ class AsyncClient(_ClientBase):
         if self._closed:
             return
         self._closed = True
+        task = self._serve_task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
         routes_before = self._engine.routes
         if self._engine._started:
             await asyncio.to_thread(self._engine.stop, self._ctl)

@@ -50,6 +50,7 @@ class ClientConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_links: int = 64
     max_frame: int = DEFAULT_MAX_FRAME
     connect_timeout: float = 5.0  # seconds a new Client waits for its first server
+    send_timeout: float = 10.0  # seconds send() waits for room on a full path before raising Backpressure
     # The delivery layer (zbus/delivery.py, docs/architecture.md): per destination, messages kept
     # until acknowledged so a path switch can repeat them; per source, early messages held for order.
     max_unacked: int = 16_384
@@ -161,6 +162,9 @@ def load_client_config(config: str | os.PathLike | None = None, **overrides: Any
     _check_positive(cfg.max_frame, "client.max_frame", source)
     for key in ("max_unacked", "max_unacked_bytes", "max_reorder", "max_reorder_bytes"):
         _check_positive(getattr(cfg, key), f"client.{key}", source)
+    for key in ("send_timeout", "connect_timeout"):
+        if not getattr(cfg, key) >= 0:
+            raise ConfigError(f"client.{key} (in {source}): {getattr(cfg, key)}, expected a number of seconds >= 0")
     if cfg.max_links < 0:
         raise ConfigError(f"client.max_links (in {source}): {cfg.max_links}, expected an integer >= 0")
     return cfg

@@ -20,7 +20,7 @@ import zmq.backend
 
 from . import wire
 from .delivery import SendStream
-from .errors import ZbusError
+from .errors import RemoteError, ZbusError
 from .routing import choose_path
 from .sockets import recv_frames_rest
 from .wire import CONTROL_SEQ, LINK_CONTROL_SEQ, LINK_INLINE_MAX, LINK_SEQ, DropReason, data_header_prefix
@@ -43,10 +43,17 @@ _EVENTS = int(zmq.EVENTS)
 _SEND_COPY = zmq.backend.Socket.send
 _RCVMORE = int(zmq.RCVMORE)
 _POLLIN = int(zmq.POLLIN)
-ACK_TIMEOUT_S = 10.0  # send(..., ack=True) default
 ACK_REQUEST_RETRY_S = 0.5  # a waiting sender asks again this often
 _ACK_LOCK_WAIT_S = 0.05  # how long a user thread waits for the send lock to pass a control message
 _BACKLOG_READ_MAX = 1000  # messages read per wake-up while waiting for an ack
+BACKLOG_MAX = 10_000  # messages read for recv by someone else (ack or reply waiters, the request server)
+REQUEST_TIMEOUT_S = 10.0  # request() default
+REQUEST_RETRY_S = 0.5  # a waiting requester repeats its Request after this, doubling...
+REQUEST_RETRY_MAX_S = 2.0  # ...up to this
+SERVED_MAX = 4096  # replies kept per client to answer repeated requests (and their bytes, below)
+SERVED_BYTES_MAX = 64 * 1024 * 1024
+REQUESTS_QUEUED_MAX = 256  # requests waiting for the handler; more are dropped (their requesters repeat them)
+_REQUEST_OVERHEAD = 64  # bytes of a Request/Reply header around its data
 
 
 class Message(NamedTuple):
@@ -79,6 +86,27 @@ class _AckWait:
     def next_pause(self) -> float:
         self._pause = min(self._pause * 2, 0.01)
         return self._pause
+
+
+class _Pending:
+    """One ``request`` waiting for its Reply."""
+
+    def __init__(self, dst: str, rid: int, timeout: float) -> None:
+        self.dst, self.rid, self.timeout = dst, rid, timeout
+        self.deadline = time.monotonic() + timeout
+        self.reply: wire.Reply | None = None
+        self.next_send = 0.0
+        self.retry = REQUEST_RETRY_S
+        self._pause = 0.00025
+
+    def next_pause(self) -> float:
+        self._pause = min(self._pause * 2, 0.01)
+        return self._pause
+
+
+def handler_error(exc: BaseException) -> str:
+    """What a requester's RemoteError says about an exception its responder's handler raised."""
+    return f"the request handler raised {type(exc).__name__}: {exc}"
 
 
 class DataPlane:
@@ -147,6 +175,13 @@ class DataPlane:
         call.transmitted = True
         self._fast[dst] = (routes, sock, prefix, stream)
         return None
+
+    @staticmethod
+    def _give_back(call: _Call) -> None:
+        """A send gave up (Backpressure): take its message back unless some of it already left."""
+        if call.seq is not None and not call.transmitted:
+            call.stream.unpush(call.seq)
+            call.seq = None
 
     @staticmethod
     def _put(sock: zmq.Socket, prefix: bytes | None, seq: int, payload: Any, more: int) -> None:
@@ -384,6 +419,10 @@ class DataPlane:
                 self._engine._note_ack(src, ack)
             elif ack.__class__ is wire.AckRequest:
                 self._answer_ack_request(src)
+            elif ack.__class__ is wire.Request:
+                self._on_request(src, ack)
+            elif ack.__class__ is wire.Reply:
+                self._on_reply(src, ack)
             return None
         released = self._receiver.accept(src, seq, (payload, via), size)
         if not released:
@@ -434,10 +473,12 @@ class DataPlane:
         return False
 
     def _read_into_backlog(self) -> None:
-        """Read what the data sockets hold (bounded) so acks on them are seen; keep user messages."""
+        """Read what the data sockets hold so acks, requests and replies on them are seen; keep user
+        messages, in order, for ``recv``. Bounded: once BACKLOG_MAX messages wait for ``recv``, the
+        rest stays in the sockets (which pushes back on their senders) until ``recv`` takes some."""
         backlog, self._ready = self._ready, collections.deque()
         try:
-            for _ in range(_BACKLOG_READ_MAX):
+            for _ in range(min(_BACKLOG_READ_MAX, BACKLOG_MAX - len(backlog))):
                 message = self._try_recv()
                 if message is None:
                     break
@@ -448,3 +489,96 @@ class DataPlane:
 
     def _drop(self, reason: DropReason) -> None:
         self.dropped[reason.value] = self.dropped.get(reason.value, 0) + 1
+
+    # -- request/reply (docs/delivery.md) ------------------------------------------------------
+    # Requests and replies are delivery-layer control messages (like Ack): unsequenced, on the
+    # current path, repeated by the requester until the reply or its timeout. The responder runs
+    # its handler once per (requester, rid) and answers repeats from ``_served``.
+
+    def _request_start(self, dst: str, data: bytes, timeout: float | None) -> tuple[_Pending, bytes]:
+        if self._closed:
+            raise ZbusError(f"{self.id} is closed")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"request data must be bytes, not {type(data).__name__}")
+        if len(data) + _REQUEST_OVERHEAD > self._max_frame:
+            raise ValueError(f"request of {len(data)} bytes: over max_frame ({self._max_frame}) with its header")
+        choose_path(dst, self._engine.routes)  # Unreachable / Disconnected now, not after the timeout
+        rid = self._rng.getrandbits(62) + 1
+        while rid in self._calls:
+            rid = self._rng.getrandbits(62) + 1
+        pending = _Pending(dst, rid, REQUEST_TIMEOUT_S if timeout is None else timeout)
+        self._calls[rid] = pending
+        return pending, wire.encode(wire.Request(rid, bytes(data)))
+
+    def _request_step(self, pending: _Pending, request: bytes, lock_wait: float) -> bool:
+        """True once the reply is in; raises on timeout or close; (re)sends the Request when due."""
+        if pending.reply is not None:
+            return True
+        now = time.monotonic()
+        if now >= pending.deadline:
+            raise TimeoutError(f"no reply from {pending.dst} within {pending.timeout}s "
+                               "(the handler may still run, once)")
+        if self._closed:
+            raise ZbusError(f"{self.id} is closed")
+        if now >= pending.next_send and self._tunnel(pending.dst, request, wait=lock_wait):
+            pending.next_send = now + pending.retry
+            pending.retry = min(pending.retry * 2, REQUEST_RETRY_MAX_S)
+        return False
+
+    @staticmethod
+    def _request_result(pending: _Pending) -> bytes:
+        reply = pending.reply
+        if reply.error:
+            raise RemoteError(f"{pending.dst}: {reply.error}")
+        return reply.data
+
+    def _on_reply(self, src: str, reply: wire.Reply) -> None:
+        pending = self._calls.get(reply.rid)
+        if pending is None or pending.dst != src or pending.reply is not None:
+            return  # a repeat, or for a request that gave up
+        pending.reply = reply
+        with self._reply_changed:
+            self._reply_changed.notify_all()
+
+    def _on_request(self, src: str, request: wire.Request) -> None:
+        """A Request arrived (whoever reads the sockets): queue it for the handler, or answer at once."""
+        key = (src, request.rid)
+        with self._serve_lock:
+            done = self._served.get(key, False)
+            if done is False:
+                if self._handler is None:
+                    done = wire.encode(wire.Reply(request.rid, b"", f"no request handler: {self.id} has not "
+                                                                    "called on_request"))
+                elif len(self._requests_in) >= REQUESTS_QUEUED_MAX:
+                    self._drop(DropReason.CONGESTED)  # the requester repeats it
+                    return
+                else:
+                    self._served[key] = None  # running: a repeat is ignored until the reply is in
+                    self._requests_in.append((src, request.rid, request.data))
+                    self._wake_server()
+                    return
+        if done is not None:  # a repeat of a request already answered (or no handler): answer again
+            self._tunnel(src, done, wait=_ACK_LOCK_WAIT_S)
+
+    def _take_request(self) -> tuple[str, int, bytes] | None:
+        with self._serve_lock:
+            return self._requests_in.popleft() if self._requests_in else None
+
+    def _finish_request(self, src: str, rid: int, result: Any, error: str) -> None:
+        """Keep the reply for repeats (bounded, oldest out first) and send it."""
+        if not error and not isinstance(result, (bytes, bytearray, memoryview)):
+            error = f"the request handler returned {type(result).__name__}, expected bytes"
+        data = b"" if error else bytes(result)
+        if len(data) + _REQUEST_OVERHEAD > self._max_frame:
+            data, error = b"", f"the reply of {len(data)} bytes is over max_frame ({self._max_frame})"
+        reply = wire.encode(wire.Reply(rid, data, error))
+        with self._serve_lock:
+            self._served[(src, rid)] = reply
+            self._served_bytes += len(reply)
+            while len(self._served) > SERVED_MAX or self._served_bytes > SERVED_BYTES_MAX:
+                old = self._served.popitem(last=False)[1]
+                self._served_bytes -= len(old) if old is not None else 0
+        self._tunnel(src, reply, wait=_ACK_LOCK_WAIT_S)
+
+    def _wake_server(self) -> None:
+        """A request was queued for the handler (the clients say how to wake their server)."""

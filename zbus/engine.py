@@ -66,7 +66,7 @@ class Engine:
         # The link ROUTER (engine thread) at `listen`, and the link data ROUTER (user threads' recv)
         # on the same interface: peers' data connections arrive there, routing id = their token.
         self._link_router = sockets.tune(ctx.socket(zmq.ROUTER), max_frame=config.max_frame)
-        self.link_in = sockets.tune(ctx.socket(zmq.ROUTER), max_frame=config.max_frame)
+        self.link_in = sockets.tune(ctx.socket(zmq.ROUTER), max_frame=config.max_frame, heartbeat=False)
         try:
             self._link_router.setsockopt(zmq.ROUTER_HANDOVER, 1)
             self._link_router.bind(config.listen)
@@ -115,12 +115,12 @@ class Engine:
     def _open_data(self, endpoint: str) -> DataSockets:
         ctx = sockets.context()
         data_in, data_out = self._data_ids
-        out = sockets.tune(ctx.socket(zmq.DEALER), max_frame=self.config.max_frame)
+        out = sockets.tune(ctx.socket(zmq.DEALER), max_frame=self.config.max_frame, heartbeat=False)
         out.setsockopt(zmq.ROUTING_ID, data_out)
         out.setsockopt(zmq.IMMEDIATE, 1)
         out.setsockopt(zmq.SNDTIMEO, SEND_SLICE_MS)
         out.connect(endpoint)
-        inn = sockets.tune(ctx.socket(zmq.DEALER), max_frame=self.config.max_frame)
+        inn = sockets.tune(ctx.socket(zmq.DEALER), max_frame=self.config.max_frame, heartbeat=False)
         inn.setsockopt(zmq.ROUTING_ID, data_in)
         inn.connect(endpoint)
         return DataSockets(out, inn)
@@ -335,7 +335,7 @@ class Engine:
                 self._link_ctl[action.peer] = dealer
                 poller.register(dealer, zmq.POLLIN)
             elif action.__class__ is OpenData:
-                out = sockets.tune(ctx.socket(zmq.DEALER), max_frame=self.config.max_frame)
+                out = sockets.tune(ctx.socket(zmq.DEALER), max_frame=self.config.max_frame, heartbeat=False)
                 out.setsockopt(zmq.ROUTING_ID, action.token)
                 out.setsockopt(zmq.IMMEDIATE, 1)
                 out.setsockopt(zmq.SNDTIMEO, SEND_SLICE_MS)

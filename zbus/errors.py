@@ -15,6 +15,16 @@ class Disconnected(ZbusError):
     """The client has no live server connection right now; it reconnects by itself."""
 
 
+class Backpressure(ZbusError):
+    """``send`` found no room on the path to the destination within its ``timeout``: the receiver
+    (or a server on the way) does not keep up. Nothing of that message was sent; retrying later is safe."""
+
+
+class RemoteError(ZbusError):
+    """``request``: the destination's request handler raised (the message names the exception and
+    its text), returned something other than bytes, or the destination has no handler."""
+
+
 class ConfigError(ZbusError, ValueError):
     """A configuration value is wrong. The message names the file, the key and the expected form."""
 

@@ -107,7 +107,11 @@ class Server:
 
     def run(self) -> None:
         """Bind and serve until :meth:`stop` is called."""
-        router = sockets.tune(sockets.context().socket(zmq.ROUTER), max_frame=self.config.max_frame)
+        # No ZMTP heartbeats of our own (sockets.tune): while intake is paused (max_pending) libzmq reads
+        # no connection whose pipe is full, and our heartbeat timeouts would cut exactly the senders we
+        # push back on, losing what their pipes hold. Clients' control connections still ping us (and
+        # so notice our death); silent clients expire by client_timeout; dead TCP by keepalive.
+        router = sockets.tune(sockets.context().socket(zmq.ROUTER), max_frame=self.config.max_frame, heartbeat=False)
         try:
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting data connection takes its id back
@@ -137,6 +141,7 @@ class Server:
         assert core is not None
         next_sweep = 0.0
         paused_total = 0.0  # the core's clock stops while we are not reading, so no one expires
+        drained = False  # the last retry moved queued messages out: retry again at once
         while not self._stopping.is_set():
             paused = self._pending_count >= self.config.max_pending
             poll_started = time.monotonic()
@@ -145,11 +150,15 @@ class Server:
             if due is not None:  # a held-back list delta
                 timeout = min(timeout, max(0, int((due - (poll_started - paused_total)) * 1000) + 1))
             if paused:
-                poller.modify(router, 0)
-            ready = poller.poll(timeout)
-            if paused:
-                poller.modify(router, zmq.POLLIN)
+                # Not reading. While the queues drain, go straight on; while they are stuck, wait
+                # (a poller with nothing to poll for returns at once: that spun at 100 % CPU with the
+                # clock running, and expired the clients whose heartbeats we were not reading).
+                if not drained:
+                    self._stopping.wait(timeout / 1000)
+                ready = None
                 paused_total += time.monotonic() - poll_started
+            else:
+                ready = poller.poll(timeout)
             now = time.monotonic() - paused_total
             if ready and not paused:
                 on_frames = self._on_frames
@@ -170,7 +179,11 @@ class Server:
             for conn, header, payload in core.flush(now):
                 self._send(router, conn, header, payload, now)
             if self._pending_count:
+                before = self._pending_count
                 self._retry_pending(router, now)
+                drained = self._pending_count < before
+            else:
+                drained = False
 
     def _on_frames(self, router: zmq.Socket, frames: list[zmq.Frame], now: float) -> None:
         core = self.core

@@ -8,6 +8,9 @@ import zmq
 
 HEARTBEAT_IVL_MS = 500  # libzmq pings an idle connection this often...
 HEARTBEAT_TIMEOUT_MS = 1500  # ...and drops it when no traffic came back for this long
+KEEPALIVE_IDLE_S = 5  # data connections (no ZMTP heartbeat): TCP keepalive after 5 s idle,
+KEEPALIVE_INTVL_S = 1  # ...probing every second,
+KEEPALIVE_CNT = 5  # ...and dead after 5 unanswered probes
 RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 1000
 MAX_SOCKETS = 16384  # per process (the open-files limit applies too)
@@ -28,11 +31,24 @@ def context() -> zmq.Context:
         return _context
 
 
-def tune(sock: zmq.Socket, *, max_frame: int) -> zmq.Socket:
-    """Options for a TCP-facing socket: heartbeats, fast reconnect, a hard size cap, no linger."""
-    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+def tune(sock: zmq.Socket, *, max_frame: int, heartbeat: bool = True) -> zmq.Socket:
+    """Options for a TCP-facing socket: heartbeats, fast reconnect, a hard size cap, no linger.
+
+    ``heartbeat=False`` is for data connections, where a stalled reader is normal (backpressure):
+    libzmq stops reading a connection whose receive pipe is full, so it misses the peer's ZMTP
+    PONGs too and a heartbeat timeout would cut the connection, losing everything queued in its
+    pipes. Those connections use TCP keepalive instead (answered by the kernel, reading or not);
+    their liveness is the control connection's business (ZMTP heartbeats, link pings).
+    """
+    if heartbeat:
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+    else:
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, KEEPALIVE_INTVL_S)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_CNT)
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
     # Frames over max_frame are dropped and counted by zbus; libzmq cuts a connection only past

@@ -388,6 +388,25 @@ class AckRequest(_Msg):
     upto: int
 
 
+class Request(_Msg):
+    """Request/reply (``client.request``): ``data`` for the destination's request handler. Travels like
+    an :class:`Ack` (unsequenced, on the current path); the requester repeats it with the same ``rid``
+    until it gets the :class:`Reply` or gives up, and the responder runs its handler once per
+    (requester, ``rid``), answering repeats from a cache of recent replies."""
+
+    rid: int
+    data: bytes
+
+
+class Reply(_Msg):
+    """The answer to the :class:`Request` ``rid``: the handler's ``data``, or ``error`` (non-empty: the
+    handler raised, or the destination has no handler; ``data`` is then empty)."""
+
+    rid: int
+    data: bytes = b""
+    error: str = ""
+
+
 CONTROL_SEQ = -1  # Data.seq of a delivery-layer message (payload = an encoded Ack), never shown to users
 
 
@@ -397,7 +416,7 @@ Header = Union[
     ClusterStatusRequest, ClusterStatusReply,
     RaftPreVote, RaftPreVoteResp, RaftVote, RaftVoteResp, RaftAppend, RaftAppendResp, RaftHeartbeat,
     RaftHeartbeatResp, RaftTimeoutNow,
-    LinkHello, LinkWelcome, LinkPing, LinkPong, LinkBye, Ack, AckRequest,
+    LinkHello, LinkWelcome, LinkPing, LinkPong, LinkBye, Ack, AckRequest, Request, Reply,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

@@ -1,0 +1,157 @@
+"""Backpressure: ``send`` to a destination that does not read blocks up to ``timeout``, then raises
+``zbus.Backpressure`` with nothing of that message sent; memory stays bounded while the sender keeps
+trying; once the receiver reads, every message whose ``send`` returned arrives exactly once, in order.
+
+Real ``zbus-node server`` processes on 127.0.0.1; the receiving client is in this process but does not
+call ``recv`` until the test lets it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+import zbus
+from tests.integration.test_hostile import rss_kb
+from tests.integration.test_links import LOCAL, connect
+
+pytestmark = pytest.mark.timeout(120)
+
+PAYLOAD = 1024  # bytes per message: the pipes fill after some 20,000 of them
+FLOOD_MAX = 200_000  # bound of the fill loop (a path that never fills fails the test)
+RETRIES = 30  # sends tried against the full path while memory is watched
+RSS_GROWTH_LIMIT_KB = 16 * 1024  # VmRSS growth allowed while the sender keeps trying
+SLACK_S = 0.5  # a Backpressure may come this much after its timeout (a loaded machine)
+
+
+def payload(i: int) -> bytes:
+    return b"%08d" % i + b"." * (PAYLOAD - 8)
+
+
+def fill(sender, dst: str, timeout: float) -> list[int]:
+    """Send until the path refuses; the numbers of the messages whose send returned."""
+    sent = []
+    for i in range(FLOOD_MAX):
+        try:
+            sender.send(dst, payload(i), timeout=timeout)
+        except zbus.Backpressure:
+            return sent
+        sent.append(i)
+    raise AssertionError(f"{FLOOD_MAX} messages sent and the path never filled")
+
+
+def drain(receiver: zbus.Client, count: int) -> list[int]:
+    """Read ``count`` messages, then make sure no more come (no duplicates)."""
+    got = []
+    deadline = time.monotonic() + 60.0
+    while len(got) < count:
+        assert time.monotonic() < deadline, f"only {len(got)} of {count} messages arrived"
+        got.append(int(receiver.recv(timeout=10.0).data[:8]))
+    with pytest.raises(TimeoutError):
+        receiver.recv(timeout=1.0)
+    return got
+
+
+def keep_trying(sender, dst: str, first: int, sent: list[int], pids: list[int]) -> dict[int, int]:
+    """Try ``RETRIES`` more sends (timeout 0.2 s each) against the full path; VmRSS growth by pid."""
+    before = {pid: rss_kb(pid) for pid in pids}
+    for i in range(first, first + RETRIES):
+        started = time.monotonic()
+        try:
+            sender.send(dst, payload(i), timeout=0.2)
+            sent.append(i)  # the path took one after all: it must arrive like the others
+        except zbus.Backpressure:
+            assert time.monotonic() - started < 0.2 + SLACK_S
+    return {pid: rss_kb(pid) - kb for pid, kb in before.items()}
+
+
+@pytest.mark.parametrize("max_links", [0, 64], ids=["relay", "direct"])
+def test_a_receiver_that_does_not_read_pushes_back_and_loses_nothing(start_server, clients, max_links):
+    server = start_server("s1")
+    alice = connect(clients, [server], "alice", max_links=max_links)
+    deaf = connect(clients, [server], "deaf", max_links=max_links)
+    dst = alice.wait_peer("deaf", 5.0)
+    if max_links:
+        alice.send(dst, payload(0))  # wanting a peer is what starts a link
+        assert alice.wait_link(dst, 10.0)
+        assert int(deaf.recv(timeout=5.0).data[:8]) == 0
+    sent = fill(alice, dst, timeout=1.0)
+    assert len(sent) > 1000
+
+    started = time.monotonic()
+    with pytest.raises(zbus.Backpressure, match="nothing of this message was sent"):
+        alice.send(dst, payload(10**7), timeout=0.5)
+    assert 0.45 <= time.monotonic() - started < 0.5 + SLACK_S
+    started = time.monotonic()
+    with pytest.raises(zbus.Backpressure):
+        alice.send(dst, payload(10**7), timeout=0)
+    assert time.monotonic() - started < 0.1
+    started = time.monotonic()
+    with pytest.raises(zbus.Backpressure):  # with ack=True the timeout covers the wait for room too
+        alice.send(dst, payload(10**7), ack=True, timeout=0.5)
+    assert time.monotonic() - started < 0.5 + SLACK_S
+
+    growth = keep_trying(alice, dst, len(sent) + 1, sent, [os.getpid(), server.proc.pid])
+    assert all(kb < RSS_GROWTH_LIMIT_KB for kb in growth.values()), growth
+    if max_links:
+        assert dst in alice._engine.routes.links  # the whole test ran on the link
+    got = drain(deaf, len(sent))
+    assert got == sent  # every message whose send returned, once, in order; none that raised
+
+
+def test_async_client_send_raises_backpressure_and_loses_nothing(start_server, clients):
+    server = start_server("s1")
+    deaf = connect(clients, [server], "deaf", max_links=0)
+
+    async def flood() -> tuple[list[int], float, float]:
+        async with zbus.AsyncClient(servers=[server.endpoint], name="a", listen=LOCAL, max_links=0) as a:
+            dst = await a.wait_peer("deaf", 5.0)
+            sent = []
+            for i in range(FLOOD_MAX):
+                try:
+                    await a.send(dst, payload(i), timeout=1.0)
+                except zbus.Backpressure:
+                    break
+                sent.append(i)
+            started = time.monotonic()
+            with pytest.raises(zbus.Backpressure):
+                await a.send(dst, payload(10**7), timeout=0.5)
+            waited = time.monotonic() - started
+            started = time.monotonic()
+            with pytest.raises(zbus.Backpressure):
+                await a.send(dst, payload(10**7), timeout=0)
+            at_once = time.monotonic() - started
+            # Read while the sender is open: close() gives what it still holds only 2 s to leave.
+            got = await asyncio.to_thread(drain, deaf, len(sent))
+            return sent, waited, at_once, got
+
+    sent, waited, at_once, got = asyncio.run(flood())
+    assert len(sent) > 1000 and sent[-1] == len(sent) - 1
+    assert 0.45 <= waited < 0.5 + SLACK_S
+    assert at_once < 0.1
+    assert got == sent
+
+
+def test_send_timeout_config_key_is_the_default(start_server, clients, tmp_path):
+    server = start_server("s1")
+    config = tmp_path / "zbus.toml"
+    config.write_text('[client]\nsend_timeout = 0.3\n')
+    alice = zbus.Client(servers=[server.endpoint], name="alice", listen=LOCAL, max_links=0, config=str(config))
+    clients.append(alice)
+    deaf = connect(clients, [server], "deaf", max_links=0)
+    dst = alice.wait_peer("deaf", 5.0)
+    assert alice.config.send_timeout == 0.3
+    sent = fill(alice, dst, timeout=None)
+    started = time.monotonic()
+    with pytest.raises(zbus.Backpressure, match="0.3s"):
+        alice.send(dst, payload(10**7))
+    assert time.monotonic() - started < 0.3 + SLACK_S
+    alice.config.send_timeout = alice._default_wait = 0.0  # a default of 0: raise at once
+    started = time.monotonic()
+    with pytest.raises(zbus.Backpressure):
+        alice.send(dst, payload(10**7))
+    assert time.monotonic() - started < 0.1
+    assert drain(deaf, len(sent)) == sent
