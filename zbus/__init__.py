@@ -8,12 +8,12 @@
 
 from .client import AsyncClient, Client, ClientStatus, Message, Peer
 from .config import ClientConfig, ServerConfig, load_client_config, load_server_config
-from .errors import ConfigError, Disconnected, IdInUse, ProtocolError, Unreachable, ZbusError
+from .errors import ConfigError, Disconnected, IdInUse, ProtocolError, Refused, Unreachable, ZbusError
 from .server import Server
 
 __all__ = [
     "AsyncClient", "Client", "ClientStatus", "Message", "Peer", "Server",
     "ClientConfig", "ServerConfig", "load_client_config", "load_server_config",
-    "ZbusError", "Unreachable", "Disconnected", "ConfigError", "ProtocolError", "IdInUse",
+    "ZbusError", "Unreachable", "Disconnected", "ConfigError", "ProtocolError", "IdInUse", "Refused",
 ]
 __version__ = "0.1.0"

@@ -32,12 +32,13 @@ import zmq
 import zmq.auth
 import zmq.auth.thread
 
-from .errors import ConfigError
+from .errors import ConfigError, Refused
 from .ids import is_client_id, is_server_id
 
 log = logging.getLogger("zbus.security")
 
 Z85_KEY_LEN = 40
+MAX_LOGGED_REFUSALS = 4096  # (domain, key) pairs remembered as already logged
 
 
 class KeyFile(msgspec.Struct, forbid_unknown_fields=True):
@@ -153,6 +154,7 @@ class Zap:
         self._domains: dict[str, Mapping[bytes, str]] = {}
         self._ids: dict[bytes, str] = {}
         self.refused: dict[str, int] = {}  # domain -> connections refused
+        self._logged: set[tuple[str, bytes]] = set()  # (domain, key) refusals already logged
         self._state = threading.Lock()
         self._auth = _Authenticator(context, self)
         self._auth.start()
@@ -182,7 +184,13 @@ class Zap:
             if node is None:
                 self.refused[domain] = self.refused.get(domain, 0) + 1
                 why = "unknown domain" if trusted is None else "key not in the trust list"
-                log.warning("refused a CURVE connection to %s: %s (key %s…)", domain, why, key[:8].decode())
+                # A refused peer reconnects about once a second: log each (domain, key) once, count the rest.
+                if (domain, key) not in self._logged:
+                    if len(self._logged) >= MAX_LOGGED_REFUSALS:
+                        self._logged.clear()
+                    self._logged.add((domain, key))
+                    log.warning("refused a CURVE connection to %s: %s (key %s…; logged once per key, "
+                                "counted in every refusal)", domain, why, key[:8].decode())
                 return False
             self._ids[key] = node
             return True
@@ -214,3 +222,105 @@ def peer_id(frame: zmq.Frame) -> str:
         return frame.get("User-Id") or ""
     except zmq.ZMQError:
         return ""
+
+
+# -- a node's security settings, and the checks the drivers make ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Security:
+    """A node's own key pair and its trust list. ``None`` wherever security is off (no per-message cost)."""
+
+    own: KeyPair
+    trusted: Mapping[bytes, str]  # z85 public key -> Id
+    keys: Mapping[str, bytes]  # Id -> z85 public key (the same list, inverted)
+
+    @property
+    def id(self) -> str:
+        return self.own.id
+
+    def key_of(self, node_id: str | None) -> bytes | None:
+        """The trusted public key bound to ``node_id`` (None: not trusted, or no Id)."""
+        return self.keys.get(node_id) if node_id else None
+
+    def serve(self, sock: zmq.Socket, domain: str) -> None:
+        """Make ``sock`` (before bind) a CURVE server admitting only keys of the trust list."""
+        secure_server(sock, self.own, domain, self.trusted)
+
+    def dial(self, sock: zmq.Socket, peer_id: str | None) -> bool:
+        """Make ``sock`` (before connect) a CURVE client of ``peer_id``; False if that Id has no trusted key
+        (then the caller must not connect: a plain or unverified connection would be refused anyway)."""
+        key = self.key_of(peer_id)
+        if key is None:
+            return False
+        secure_client(sock, self.own, key)
+        return True
+
+    def release(self, context: zmq.Context, domain: str) -> None:
+        """Forget a domain registered by :meth:`serve` (the socket is closed)."""
+        with Zap._lock:
+            zap = Zap._instances.get(id(context))
+        if zap is not None:
+            zap.unregister(domain)
+
+
+def load_security(key_file: str, trust_dir: str, section: str = "", source: str = "") -> Security | None:
+    """The node's :class:`Security` from its config (``None`` when ``key_file`` is empty: security off).
+
+    Errors name the config key (``section.key_file``), where it came from (``source``) and the file.
+    """
+    at = f" (in {source})" if source else ""
+    prefix = f"{section}." if section else ""
+    if not key_file:
+        if trust_dir:
+            raise ConfigError(f"{prefix}key_file{at}: missing, expected the node's .key file "
+                              "(trust_dir is set: security needs both)")
+        return None
+    if not trust_dir:
+        raise ConfigError(f"{prefix}trust_dir{at}: missing, expected a directory of trusted .pub files "
+                          "(key_file is set: security needs both)")
+    try:
+        own = read_key_file(key_file, need_secret=True)
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix}key_file{at}: {exc}") from None
+    try:
+        trusted = read_trust_dir(trust_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix}trust_dir{at}: {exc}") from None
+    return Security(own, trusted, {node: key for key, node in trusted.items()})
+
+
+def claim_refusal(claimed: str, authenticated: str) -> str | None:
+    """Why a message claiming to come from ``claimed`` must be refused on a connection whose CURVE key is
+    bound to ``authenticated`` (None: it may pass). Used for client Hello, ClusterHello and LinkHello."""
+    if not authenticated:
+        return "the connection has no authenticated Id (its key is bound to none)"
+    if claimed != authenticated:
+        return f"claims {claimed!r} but its key belongs to {authenticated}"
+    return None
+
+
+def split_pinned(entry: str) -> tuple[str | None, str]:
+    """``"S-…@tcp://host:port"`` -> (``"S-…"``, ``"tcp://host:port"``); a plain endpoint -> (None, it).
+
+    With security on, a node dialing a server must know which key to expect there, so a configured
+    endpoint names the server's Id (whose ``.pub`` is in the trust directory).
+    """
+    head, sep, tail = entry.partition("@")
+    if sep and "://" not in head:
+        return head, tail
+    return None, entry
+
+
+def punched_peer_key(security: Security, peer_id: str) -> bytes:
+    """Hook for punched paths (not wired yet): the public key ``peer_id`` must prove over a punched path.
+
+    A punched path (zbus/punch_udp.py, KCP over UDP) runs no CurveZMQ, so its handshake must prove the
+    peer holds the secret key of this public key (e.g. a CurveZMQ-style box over the path's nonce)
+    before any Data is accepted on it. Call it only with security on; raises :class:`Refused` when the
+    peer is not in the trust list (refuse the path, keep using the relay).
+    """
+    key = security.key_of(peer_id)
+    if key is None:
+        raise Refused(f"{peer_id} is not in the trust list: no punched path to it")
+    return key

@@ -34,6 +34,7 @@ from .guard import RateLimiter
 from .ids import new_server_id
 from .reflector import Reflector
 from .relay import SEQ_TAIL, ServerCore
+from .security import claim_refusal, load_security, peer_id
 from .wire import DropReason
 
 log = logging.getLogger("zbus.server")
@@ -56,7 +57,9 @@ class Server:
 
     def __init__(self, config: ServerConfig | None = None, **overrides: Any) -> None:
         self.config = config if config is not None else load_server_config(None, **overrides)
-        self.id = self.config.id or new_server_id()
+        # Security (docs/security.md): None when off; then nothing below costs anything per message.
+        self.security = load_security(self.config.key_file, self.config.trust_dir, "server")
+        self.id = self.security.id if self.security is not None else (self.config.id or new_server_id())
         self.name = self.config.name or self.id[:10]
         self._stopping = threading.Event()
         self._bound = threading.Event()
@@ -108,7 +111,10 @@ class Server:
     def run(self) -> None:
         """Bind and serve until :meth:`stop` is called."""
         router = sockets.tune(sockets.context().socket(zmq.ROUTER), max_frame=self.config.max_frame)
+        domain = f"zbus-server-{self.id}"
         try:
+            if self.security is not None:  # CURVE: only trusted keys get in; each connection carries its Id
+                self.security.serve(router, domain)
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting data connection takes its id back
             router.bind(self.config.listen)
@@ -117,7 +123,7 @@ class Server:
                                    server_limits(self.config))
             host, port = parse_endpoint(self.endpoint, "listen")
             self.reflector = Reflector(host, port).start()
-            self.cluster = RaftCluster(self.id, self.name, self.endpoint, self.config)
+            self.cluster = RaftCluster(self.id, self.name, self.endpoint, self.config, self.security)
             self.cluster.start()
             self._bound.set()
             log.info("server %s (%s) listening on %s", self.id, self.name, self.endpoint)
@@ -128,6 +134,8 @@ class Server:
             if self.reflector is not None:
                 self.reflector.stop()
             router.close(linger=0)
+            if self.security is not None:
+                self.security.release(router.context, domain)
 
     # -- the loop ---------------------------------------------------------------------------
     def _serve(self, router: zmq.Socket) -> None:
@@ -200,6 +208,12 @@ class Server:
             return
         if len(frames) != 2:
             return self._bad(conn, DropReason.MALFORMED, f"{type(header).__name__} with a payload frame")
+        if self.security is not None and header.__class__ is wire.Hello:
+            why = claim_refusal(header.id, peer_id(frames[1]))  # the Id ZAP bound to the connection's key
+            if why is not None:
+                self._bad(conn, DropReason.REFUSED, f"refused a Hello: {why}")
+                refusal = wire.encode(wire.Error("not-your-id", f"server {self.id} refused {header.id}: {why}"))
+                return self._send(router, conn, refusal, None, now)
         for out_conn, out_header, payload in core.receive(conn, header, now):
             self._send(router, out_conn, out_header, payload, now)
 
