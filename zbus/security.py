@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -114,6 +115,62 @@ def read_trust_dir(directory: str | os.PathLike) -> dict[bytes, str]:
     return trusted
 
 
+RELOAD_S = 1.0  # an unchanged trust directory is read again on a miss at most this often
+
+
+class TrustList:
+    """A trust directory, read at start and again when a key or Id is not found and the directory changed
+    (a file added or removed: its mtime moved) or ``RELOAD_S`` passed: a node added by copying its
+    ``.pub`` in is trusted without a restart. A ``.pub`` removed is forgotten at the next reload (existing
+    connections stay until they drop). A directory that became unreadable keeps the last good list."""
+
+    def __init__(self, directory: str | os.PathLike, trusted: Mapping[bytes, str] | None = None) -> None:
+        self.directory = Path(directory)
+        self._lock = threading.Lock()
+        self._by_key: dict[bytes, str] = dict(trusted) if trusted is not None else read_trust_dir(directory)
+        self._by_id = {node: key for key, node in self._by_key.items()}
+        self._read_at = time.monotonic()
+        self._mtime = self._dir_mtime()
+
+    def _dir_mtime(self) -> int:
+        try:
+            return os.stat(self.directory).st_mtime_ns
+        except OSError:
+            return -1
+
+    def _reload(self) -> None:
+        now, mtime = time.monotonic(), self._dir_mtime()
+        if mtime == self._mtime and now - self._read_at < RELOAD_S:
+            return
+        self._read_at, self._mtime = now, mtime
+        try:
+            fresh = read_trust_dir(self.directory)
+        except ConfigError as exc:
+            log.warning("trust directory not re-read, keeping the last list: %s", exc)
+            return
+        self._by_key, self._by_id = fresh, {node: key for key, node in fresh.items()}
+
+    def get(self, key: bytes) -> str | None:
+        """The Id bound to public ``key`` (z85), or None."""
+        with self._lock:
+            node = self._by_key.get(key)
+            if node is None:
+                self._reload()
+                node = self._by_key.get(key)
+            return node
+
+    def key_of(self, node_id: str) -> bytes | None:
+        with self._lock:
+            key = self._by_id.get(node_id)
+            if key is None:
+                self._reload()
+                key = self._by_id.get(node_id)
+            return key
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+
 class _Authenticator(zmq.auth.thread.ThreadAuthenticator):
     """pyzmq's ZAP thread, with per-domain trust lists and key -> Id as the connection's User-Id."""
 
@@ -151,7 +208,7 @@ class Zap:
             return zap
 
     def __init__(self, context: zmq.Context) -> None:
-        self._domains: dict[str, Mapping[bytes, str]] = {}
+        self._domains: dict[str, Mapping[bytes, str] | TrustList] = {}
         self._ids: dict[bytes, str] = {}
         self.refused: dict[str, int] = {}  # domain -> connections refused
         self._logged: set[tuple[str, bytes]] = set()  # (domain, key) refusals already logged
@@ -168,9 +225,9 @@ class Zap:
         if zap is not None:
             zap._auth.stop()
 
-    def register(self, domain: str, trusted: Mapping[bytes, str]) -> None:
+    def register(self, domain: str, trusted: "Mapping[bytes, str] | TrustList") -> None:
         with self._state:
-            self._domains[domain] = dict(trusted)
+            self._domains[domain] = trusted if isinstance(trusted, TrustList) else dict(trusted)
             self._auth.configure_curve_callback(domain, _Provider(self))
 
     def unregister(self, domain: str) -> None:
@@ -200,7 +257,7 @@ class Zap:
             return self._ids.get(key)
 
 
-def secure_server(sock: zmq.Socket, own: KeyPair, domain: str, trusted: Mapping[bytes, str]) -> None:
+def secure_server(sock: zmq.Socket, own: KeyPair, domain: str, trusted: "Mapping[bytes, str] | TrustList") -> None:
     """Make ``sock`` (before bind) a CURVE server whose clients must be in ``trusted``."""
     Zap.for_context(sock.context).register(domain, trusted)
     sock.zap_domain = domain.encode()
@@ -232,8 +289,7 @@ class Security:
     """A node's own key pair and its trust list. ``None`` wherever security is off (no per-message cost)."""
 
     own: KeyPair
-    trusted: Mapping[bytes, str]  # z85 public key -> Id
-    keys: Mapping[str, bytes]  # Id -> z85 public key (the same list, inverted)
+    trusted: TrustList  # z85 public key <-> Id
 
     @property
     def id(self) -> str:
@@ -241,7 +297,7 @@ class Security:
 
     def key_of(self, node_id: str | None) -> bytes | None:
         """The trusted public key bound to ``node_id`` (None: not trusted, or no Id)."""
-        return self.keys.get(node_id) if node_id else None
+        return self.trusted.key_of(node_id) if node_id else None
 
     def serve(self, sock: zmq.Socket, domain: str) -> None:
         """Make ``sock`` (before bind) a CURVE server admitting only keys of the trust list."""
@@ -284,10 +340,10 @@ def load_security(key_file: str, trust_dir: str, section: str = "", source: str 
     except ConfigError as exc:
         raise ConfigError(f"{prefix}key_file{at}: {exc}") from None
     try:
-        trusted = read_trust_dir(trust_dir)
+        trusted = TrustList(trust_dir)
     except ConfigError as exc:
         raise ConfigError(f"{prefix}trust_dir{at}: {exc}") from None
-    return Security(own, trusted, {node: key for key, node in trusted.items()})
+    return Security(own, trusted)
 
 
 def claim_refusal(claimed: str, authenticated: str) -> str | None:
