@@ -30,8 +30,7 @@ from typing import Mapping
 
 import msgspec
 import zmq
-import zmq.auth
-import zmq.auth.thread
+import zmq.utils.z85
 
 from .errors import ConfigError, Refused
 from .ids import is_client_id, is_server_id
@@ -171,16 +170,17 @@ class TrustList:
         return len(self._by_key)
 
 
-class _Authenticator(zmq.auth.thread.ThreadAuthenticator):
-    """pyzmq's ZAP thread, with per-domain trust lists and key -> Id as the connection's User-Id."""
+def _authenticator(context: zmq.Context, zap: "Zap"):
+    """pyzmq's ZAP thread, with per-domain trust lists and key -> Id as the connection's User-Id.
+    (Imported here: a node with security off never loads zmq.auth.)"""
+    import zmq.auth.thread
 
-    def __init__(self, context: zmq.Context, zap: "Zap") -> None:
-        super().__init__(context, log=log)
-        self._zap = zap
+    class _Authenticator(zmq.auth.thread.ThreadAuthenticator):
+        def curve_user_id(self, client_public_key: bytes) -> str:
+            key = zmq.utils.z85.encode(client_public_key)
+            return zap.identity_of(key) or ""
 
-    def curve_user_id(self, client_public_key: bytes) -> str:
-        key = zmq.utils.z85.encode(client_public_key)
-        return self._zap.identity_of(key) or ""
+    return _Authenticator(context, log=log)
 
 
 class _Provider:
@@ -213,7 +213,7 @@ class Zap:
         self.refused: dict[str, int] = {}  # domain -> connections refused
         self._logged: set[tuple[str, bytes]] = set()  # (domain, key) refusals already logged
         self._state = threading.Lock()
-        self._auth = _Authenticator(context, self)
+        self._auth = _authenticator(context, self)
         self._auth.start()
         self._auth.configure_curve_callback("*", _Provider(self))
 
