@@ -18,7 +18,8 @@ import zmq
 
 import zbus
 from zbus import sockets, wire
-from zbus.security import read_key_file
+from zbus.cluster.status import cluster_endpoint_of, query_cluster_status
+from zbus.security import load_security, read_key_file
 from zbus.security import secure_client as curve_client
 from tests.helpers import REPO, ServerProcess, free_port, wait_until
 
@@ -147,6 +148,15 @@ def test_a_secure_cluster_of_two_servers_and_three_clients_relays_links_and_answ
     # Without keys a secure server does not answer at all (plain text is refused by mechanism).
     plain = status_json(s1, None, None)
     assert plain.returncode != 0 and "no answer" in plain.stderr
+    # The cluster endpoint (the Raft mesh's ROUTER) is CURVE too; its status names both members.
+    security = load_security(keys.key(trio[0].id), str(keys.trust))
+
+    def both_members():
+        reply = query_cluster_status(cluster_endpoint_of(s2.endpoint), 5.0, security, s2.id)
+        return reply if set(reply.table) == {s1.id, s2.id} and reply.phase == "member" else None
+
+    mesh = wait_until(both_members, 15.0, "s2's cluster status to name both members", interval=0.2)
+    assert mesh.dropped.get("not-your-id", 0) == 0
 
 
 def test_a_client_with_a_key_not_in_the_trust_dir_is_refused_and_the_refusal_is_logged(start_server, clients, keys):
