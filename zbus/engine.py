@@ -70,6 +70,7 @@ class Engine:
         # peers are dialed with the key the trust list binds to their Id.
         self.security = load_security(config.key_file, config.trust_dir, "client")
         self._link_domain = f"zbus-links-{client_id}"
+        self._unkeyed: set[tuple[str | None, str]] = set()  # destinations we had no trusted key for (logged)
         ctx = sockets.context()
         # The link ROUTER (engine thread) at `listen`, and the link data ROUTER (user threads' recv)
         # on the same interface: peers' data connections arrive there, routing id = their token.
@@ -143,8 +144,10 @@ class Engine:
         nothing unverified is dialed) when no trusted key is bound to ``peer``. Security off: True."""
         if self.security is None or self.security.dial(sock, peer):
             return True
-        log.warning("client %s: not connecting to %s: %s", self.client_id, endpoint,
-                    f"no trusted key for {peer}" if peer else "its Id is unknown (expected S-…@tcp://…)")
+        if (peer, endpoint) not in self._unkeyed:  # once per destination: links retry, servers have 3 sockets
+            self._unkeyed.add((peer, endpoint))
+            log.warning("client %s: not connecting to %s: %s", self.client_id, endpoint,
+                        f"no trusted key for {peer}" if peer else "its Id is unknown (expected S-…@tcp://…)")
         return False
 
     def start(self) -> None:

@@ -21,7 +21,7 @@ from zbus import sockets, wire
 from zbus.cluster.status import cluster_endpoint_of, query_cluster_status
 from zbus.security import load_security, read_key_file
 from zbus.security import secure_client as curve_client
-from tests.helpers import REPO, ServerProcess, free_port, wait_until
+from tests.helpers import REPO, ServerProcess, free_port_pair, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -74,7 +74,7 @@ class Stderr:
 
 def secure_server(start_server, keys: Keys, name: str, node: str, peers: list[ServerProcess] = ()) -> ServerProcess:
     extra = keys.flags(node) + [a for p in peers for a in ("--peer", f"{p.id}@{p.endpoint}")]
-    server = start_server(name, extra=extra)
+    server = start_server(name, port=free_port_pair(), extra=extra)  # the cluster port (+1) must be free too
     assert server.id == node  # the Id comes from the key file
     server.log = Stderr(server)
     return server
