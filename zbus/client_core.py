@@ -98,7 +98,8 @@ class ClientCore:
 
     def transport_refused(self, index: int, reason: str) -> None:
         """Security on: the server at ``index`` refused our key, or its key is not the one we trust for it.
-        Shown like a refused Hello (the connection keeps retrying; a later handshake clears it)."""
+        Shown like a refused Hello. libzmq does not reconnect after a refused key (ZAP), so that stays; after
+        a failed handshake (a key that is not the expected one) it keeps retrying, and a success clears it."""
         session = self.sessions[index]
         if session.state is SessionState.REFUSED and session.refusal is not None \
                 and session.refusal.message == reason:

@@ -479,7 +479,8 @@ class Engine:
                 why = (f"server {session.endpoint} refused our key ({self.client_id} is not in its trust list)"
                        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH else
                        f"CURVE handshake with {session.endpoint} failed (its key is not the one trusted for "
-                       f"{session.server_id or self.config.server_ids.get(session.endpoint)})")
+                       f"{session.server_id or self.config.server_ids.get(session.endpoint)}, or the connection "
+                       f"broke mid-handshake; retrying)")
                 if session.refusal is None or session.refusal.message != why:
                     log.warning("client %s: %s", self.client_id, why)
                 self.core.transport_refused(index, why)

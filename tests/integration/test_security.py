@@ -174,6 +174,14 @@ def test_a_client_with_a_key_not_in_the_trust_dir_is_refused_and_the_refusal_is_
     assert answer.returncode != 0 and "refused our key" in answer.stderr
 
 
+def test_a_client_refuses_a_server_whose_key_is_not_the_one_trusted_for_the_id_it_dialed(start_server, clients, keys):
+    server = secure_server(start_server, keys, "s1", keys.new(server=True))
+    elsewhere = keys.new(server=True)  # trusted, but not the server at that endpoint
+    with pytest.raises(zbus.Refused, match="CURVE handshake with .* failed"):
+        zbus.Client(servers=[f"{elsewhere}@{server.endpoint}"], key_file=keys.key(keys.new()),
+                    trust_dir=str(keys.trust), connect_timeout=10.0)
+
+
 def _raw_curve_dealer(keys: Keys, node: str, server_public: bytes, endpoint: str) -> zmq.Socket:
     sock = sockets.tune(sockets.context().socket(zmq.DEALER), max_frame=wire.DEFAULT_MAX_FRAME)
     curve_client(sock, read_key_file(keys.key(node), need_secret=True), server_public)
