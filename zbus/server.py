@@ -141,8 +141,23 @@ class Server:
     def _serve(self, router: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
+        # Security on: handshakes that fail before ZAP (a plain-text peer, a peer expecting another key) are
+        # only visible as monitor events; they are logged from the sweep, at most once per LOG_EVERY_S.
+        monitor = None
+        if self.security is not None:
+            monitor = router.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                                                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        try:
+            self._serve_loop(router, poller, monitor)
+        finally:
+            if monitor is not None:
+                router.disable_monitor()
+                monitor.close(linger=0)
+
+    def _serve_loop(self, router: zmq.Socket, poller: zmq.Poller, monitor: zmq.Socket | None) -> None:
         core = self.core
         assert core is not None
+        failed_handshakes, next_handshake_log = 0, 0.0
         next_sweep = 0.0
         paused_total = 0.0  # the core's clock stops while we are not reading, so no one expires
         while not self._stopping.is_set():
@@ -166,6 +181,14 @@ class Server:
                     on_frames(router, frames, now)
             if now >= next_sweep:
                 next_sweep = now + SWEEP_S
+                if monitor is not None:
+                    failed_handshakes += self._count_failed_handshakes(monitor)
+                    if failed_handshakes and now >= next_handshake_log:
+                        next_handshake_log = now + LOG_EVERY_S
+                        log.warning("refused %d connection(s) at the CURVE handshake since the last report: a "
+                                    "plain-text peer (no key) or one expecting another server key at %s",
+                                    failed_handshakes, self.endpoint)
+                        failed_handshakes = 0
                 core.expire(now)
                 self.cluster.report(core.stats())
                 core.set_cluster_stats(self.cluster.server_stats())
@@ -176,6 +199,17 @@ class Server:
                 self._send(router, conn, header, payload, now)
             if self._pending_count:
                 self._retry_pending(router, now)
+
+    @staticmethod
+    def _count_failed_handshakes(monitor: zmq.Socket) -> int:
+        count = 0
+        for _ in range(BATCH):
+            try:
+                monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            count += 1
+        return count
 
     def _on_frames(self, router: zmq.Socket, frames: list[zmq.Frame], now: float) -> None:
         core = self.core

@@ -239,6 +239,8 @@ def test_a_plain_text_client_gets_nowhere_and_the_server_keeps_serving_the_other
         alice.send(bob.id, b"%d" % i)
     assert [bob.recv(timeout=5.0).data for _ in range(500)] == [b"%d" % i for i in range(500)]
     assert plain.status().servers[0].state == "down" and alice.status().servers[0].clients == 2
+    wait_until(lambda: server.log.has("at the CURVE handshake", "plain-text peer"), 10.0,
+               "the server to log the refused plain-text handshakes")
 
 
 def test_a_server_with_an_untrusted_key_cannot_join_the_cluster(start_server, keys):
