@@ -189,7 +189,7 @@ class _ClientBase(DataPlane):
         routes = self._engine.routes
         if not routes.registered and routes.refusals and len(routes.refusals) == len(routes.endpoints):
             codes = {s.refusal.code for s in self._engine.core.sessions if s.refusal is not None}
-            raise (IdInUse if codes <= {"id-in-use"} else Refused)("; ".join(routes.refusals))
+            raise (IdInUse if codes <= {"id-in-use", "bad-id"} else Refused)("; ".join(routes.refusals))
 
     def _close_sockets(self) -> None:
         """Say Bye in-band (behind the last data) and close; data_out lingers to deliver it."""
