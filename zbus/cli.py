@@ -36,15 +36,21 @@ def main(verbose: int) -> None:
 @click.option("--id", "server_id", help="Pin the server Id (S-<uuid4>); default: a fresh one.")
 @click.option("--cluster-listen", help="Raft mesh endpoint, tcp://IP:PORT (default: the --listen port + 1).")
 @click.option("--dead-after", type=float, help="Seconds unreachable before the cluster removes a server.")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False),
+              help="This server's key file (S-….key from keygen --server): turns CURVE security on.")
+@click.option("--trust", "trust_dir", type=click.Path(file_okay=False),
+              help="Directory of the trusted nodes' .pub files (with --key). Peers are then S-ID@tcp://HOST:PORT.")
 def server(config_path: str | None, listen: str | None, peers: tuple[str, ...], name: str | None,
-           server_id: str | None, cluster_listen: str | None, dead_after: float | None) -> None:
+           server_id: str | None, cluster_listen: str | None, dead_after: float | None,
+           key_file: str | None, trust_dir: str | None) -> None:
     """Run a relay server until SIGINT/SIGTERM."""
     from .config import load_server_config
     from .server import Server
 
     try:
         cfg = load_server_config(config_path, listen=listen, peers=list(peers), name=name, id=server_id,
-                                 cluster_listen=cluster_listen, dead_after=dead_after)
+                                 cluster_listen=cluster_listen, dead_after=dead_after, key_file=key_file,
+                                 trust_dir=trust_dir)
         node = Server(cfg)
     except ZbusError as exc:
         raise click.ClickException(str(exc)) from None
@@ -71,11 +77,17 @@ def server(config_path: str | None, listen: str | None, peers: tuple[str, ...], 
 @click.option("--server", "servers", multiple=True, help="Server endpoint tcp://HOST:PORT (repeatable).")
 @click.option("--name", help="This client's name.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file ([client] table).")
-def client(servers: tuple[str, ...], name: str | None, config_path: str | None) -> None:
+@click.option("--key", "key_file", type=click.Path(dir_okay=False),
+              help="This client's key file (C-….key from keygen): turns CURVE security on.")
+@click.option("--trust", "trust_dir", type=click.Path(file_okay=False),
+              help="Directory of the trusted servers' and peers' .pub files (with --key). Servers are then "
+                   "S-ID@tcp://HOST:PORT.")
+def client(servers: tuple[str, ...], name: str | None, config_path: str | None, key_file: str | None,
+           trust_dir: str | None) -> None:
     """Interactive client: type 'NAME-OR-ID message', see what arrives."""
     from .interactive import run_interactive
 
-    run_interactive(list(servers) or None, name, config_path)
+    run_interactive(list(servers) or None, name, config_path, key_file=key_file, trust_dir=trust_dir)
 
 
 @main.command()
@@ -83,12 +95,16 @@ def client(servers: tuple[str, ...], name: str | None, config_path: str | None) 
               help="The server to ask.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (shape in docs/operations.md).")
 @click.option("--timeout", default=3.0, show_default=True, help="Seconds to wait for the answer.")
-def status(server_endpoint: str, as_json: bool, timeout: float) -> None:
+@click.option("--key", "key_file", type=click.Path(dir_okay=False),
+              help="A key file trusted by the server (security on); --server is then S-ID@tcp://HOST:PORT.")
+@click.option("--trust", "trust_dir", type=click.Path(file_okay=False),
+              help="Directory holding the server's .pub file (with --key).")
+def status(server_endpoint: str, as_json: bool, timeout: float, key_file: str | None, trust_dir: str | None) -> None:
     """Show the cluster as one server sees it."""
     from .status import query_status, render_status
 
     try:
-        reply = query_status(server_endpoint, timeout)
+        reply = query_status(server_endpoint, timeout, key_file, trust_dir)
     except ZbusError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:

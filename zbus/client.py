@@ -39,7 +39,7 @@ from .dataplane import (
 )
 from .delivery import Receiver, Sender
 from .engine import SEND_SLICE_MS, Engine
-from .errors import Backpressure, IdInUse, Unreachable, ZbusError
+from .errors import Backpressure, IdInUse, Refused, Unreachable, ZbusError
 from .ids import new_client_id
 from .relay import TOKEN_BYTES
 from .routing import Routes, choose_path
@@ -99,10 +99,12 @@ class _ClientBase(DataPlane):
         id: str | None = None,
         connect_timeout: float | None = None,
         max_frame: int | None = None,
+        key_file: str | None = None,
+        trust_dir: str | None = None,
     ) -> None:
         self.config: ClientConfig = load_client_config(
             config, servers=servers, name=name, listen=listen, max_links=max_links, id=id,
-            connect_timeout=connect_timeout, max_frame=max_frame,
+            connect_timeout=connect_timeout, max_frame=max_frame, key_file=key_file, trust_dir=trust_dir,
         )
         self.id: str = self.config.id or new_client_id()
         self.name: str = self.config.name
@@ -198,7 +200,8 @@ class _ClientBase(DataPlane):
     def _raise_if_refused(self) -> None:
         routes = self._engine.routes
         if not routes.registered and routes.refusals and len(routes.refusals) == len(routes.endpoints):
-            raise IdInUse("; ".join(routes.refusals))
+            codes = {s.refusal.code for s in self._engine.core.sessions if s.refusal is not None}
+            raise (IdInUse if codes <= {"id-in-use", "bad-id"} else Refused)("; ".join(routes.refusals))
 
     def _close_sockets(self) -> None:
         """Say Bye in-band (behind the last data) and close; data_out lingers to deliver it."""
@@ -226,7 +229,8 @@ class Client(_ClientBase):
 
     The constructor returns once a server has registered the client and sent its client list, or
     after ``connect_timeout`` seconds (then ``send`` raises ``Disconnected`` until a server is up).
-    It raises :class:`~zbus.IdInUse` if every server refused the Id.
+    It raises :class:`~zbus.IdInUse` if every server refused the Id, :class:`~zbus.Refused` if every
+    server refused it for another reason (security: its key is not trusted, or is bound to another Id).
     """
 
     def __init__(self, servers: list[str] | None = None, name: str | None = None, **kwargs: Any) -> None:
@@ -242,7 +246,7 @@ class Client(_ClientBase):
         self._engine.wait_for(self._settled, self.config.connect_timeout)
         try:
             self._raise_if_refused()
-        except IdInUse:
+        except Refused:
             self.close()
             raise
 
@@ -500,7 +504,7 @@ class AsyncClient(_ClientBase):
             await asyncio.to_thread(self._engine.wait_for, self._settled, self.config.connect_timeout)
             try:
                 self._raise_if_refused()
-            except IdInUse:
+            except Refused:
                 await self.close()
                 raise
         return self

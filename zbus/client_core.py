@@ -104,6 +104,20 @@ class ClientCore:
             return []
         return self._hello(session, now)
 
+    def transport_refused(self, index: int, reason: str) -> None:
+        """Security on: the server at ``index`` refused our key, or its key is not the one we trust for it.
+        Shown like a refused Hello. libzmq does not reconnect after a refused key (ZAP), so that stays; after
+        a failed handshake (a key that is not the expected one) it keeps retrying, and a success clears it."""
+        session = self.sessions[index]
+        if session.state is SessionState.REFUSED and session.refusal is not None \
+                and session.refusal.message == reason:
+            return
+        session.state = SessionState.REFUSED
+        session.refusal = wire.Error("key-refused", reason)
+        session.next_hello = session.next_heartbeat = None
+        session.peers.clear()
+        self._dirty = self._full = True
+
     def transport_down(self, index: int) -> None:
         session = self.sessions[index]
         if session.state is SessionState.REFUSED:
@@ -154,7 +168,7 @@ class ClientCore:
                 session.peers.clear()
                 self._dirty = self._full = True
                 return self._hello(session, now)
-            if header.code in ("id-in-use", "bad-id"):
+            if header.code in ("id-in-use", "bad-id", "not-your-id"):
                 session.state = SessionState.REFUSED
                 session.refusal = header
                 session.next_hello = now + 1.0  # the old holder may be a dead connection: retry
@@ -174,6 +188,7 @@ class ClientCore:
                     continue
                 known.add(endpoint)
                 self.sessions.append(ServerSession(len(self.sessions), endpoint))
+                self.sessions[-1].server_id = server.id  # known from the table (security picks its key by it)
                 self._added.append(len(self.sessions) - 1)
                 self._dirty = self._full = True
 

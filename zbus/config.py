@@ -11,8 +11,8 @@ A config file is TOML with a ``[client]`` and/or a ``[server]`` table::
     name = "relay-eu-1"
     peers = ["tcp://10.0.0.6:7700"]
 
-Precedence, lowest first: defaults, the file, environment (``ZBUS_SERVERS``, comma-separated, for
-clients), keyword arguments / command-line flags.
+Precedence, lowest first: defaults, the file, environment (for clients: ``ZBUS_SERVERS``,
+comma-separated, ``ZBUS_KEY_FILE``, ``ZBUS_TRUST_DIR``), keyword arguments / command-line flags.
 """
 
 from __future__ import annotations
@@ -32,11 +32,14 @@ from .guard import (
     DEFAULT_MAX_NAME_BYTES, Limits,
 )
 from .ids import is_client_id, is_server_id
+from .security import load_security, split_pinned
 from .wire import DEFAULT_MAX_FRAME
 
 DEFAULT_SERVER = "tcp://127.0.0.1:7700"
 ENV_SERVERS = "ZBUS_SERVERS"
 ENV_CONFIG = "ZBUS_CONFIG"
+ENV_KEY_FILE = "ZBUS_KEY_FILE"  # a client's key_file
+ENV_TRUST_DIR = "ZBUS_TRUST_DIR"  # a client's trust_dir
 DEFAULT_CONFIG_FILE = "zbus.toml"
 
 _ENDPOINT = re.compile(r"^tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-*]+):(?P<port>\d{1,5})$")
@@ -57,6 +60,12 @@ class ClientConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_unacked_bytes: int = 64 * 1024 * 1024
     max_reorder: int = 16_384
     max_reorder_bytes: int = 64 * 1024 * 1024
+    # Security (docs/security.md): on when key_file is set. key_file: this client's .key (its Id comes
+    # from it); trust_dir: the .pub files of the servers and peers it trusts. servers then name each
+    # server's Id, "S-…@tcp://host:port" (kept here as server_ids: endpoint -> Id).
+    key_file: str = ""
+    trust_dir: str = ""
+    server_ids: dict[str, str] = {}
 
 
 class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -80,6 +89,12 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     raft_tick: float = 0.05  # seconds per Raft tick
     raft_heartbeat_ticks: int = 2  # leader heartbeat every 2 ticks (100 ms)
     raft_election_ticks: int = 6  # election timeout drawn in [6, 12) ticks (300-600 ms)
+    # Security (docs/security.md): on when key_file is set (this server's .key; its Id comes from it);
+    # trust_dir holds the .pub files of every client and server allowed in. peers then name each
+    # server's Id, "S-…@tcp://host:port" (kept here as peer_ids: endpoint -> Id).
+    key_file: str = ""
+    trust_dir: str = ""
+    peer_ids: dict[str, str] = {}
 
 
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True):
@@ -150,12 +165,16 @@ def load_client_config(config: str | os.PathLike | None = None, **overrides: Any
     if env:
         values["servers"] = [s.strip() for s in env.split(",") if s.strip()]
         source += f" and ${ENV_SERVERS}"
+    for key, env_name in (("key_file", ENV_KEY_FILE), ("trust_dir", ENV_TRUST_DIR)):
+        if os.environ.get(env_name):
+            values[key] = os.environ[env_name]
+            source += f" and ${env_name}"
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = _build(ClientConfig, "client", values, source)
     if not cfg.servers:
         raise ConfigError(f"client.servers (in {source}): empty list, expected at least one tcp://host:port")
-    for i, endpoint in enumerate(cfg.servers):
-        parse_endpoint(endpoint, f"client.servers[{i}] (in {source})")
+    cfg.servers, cfg.server_ids = _unpin(cfg.servers, cfg.server_ids, "client.servers", source)
+    cfg.id = _secure(cfg, "client", source, cfg.servers, cfg.server_ids, "servers", is_client_id, "C-<uuid4>")
     parse_endpoint(cfg.listen, f"client.listen (in {source})", allow_port_zero=True)
     if cfg.id is not None and not is_client_id(cfg.id):
         raise ConfigError(f"client.id (in {source}): {cfg.id!r} is not C-<uuid4>")
@@ -178,8 +197,8 @@ def load_server_config(config: str | os.PathLike | None = None, **overrides: Any
     values.update({k: v for k, v in overrides.items() if v not in (None, (), [])})
     cfg = _build(ServerConfig, "server", values, source)
     parse_endpoint(cfg.listen, f"server.listen (in {source})", allow_port_zero=True)
-    for i, endpoint in enumerate(cfg.peers):
-        parse_endpoint(endpoint, f"server.peers[{i}] (in {source})")
+    cfg.peers, cfg.peer_ids = _unpin(cfg.peers, cfg.peer_ids, "server.peers", source)
+    cfg.id = _secure(cfg, "server", source, cfg.peers, cfg.peer_ids, "peers", is_server_id, "S-<uuid4>")
     if cfg.id is not None and not is_server_id(cfg.id):
         raise ConfigError(f"server.id (in {source}): {cfg.id!r} is not S-<uuid4>")
     _check_positive(cfg.max_frame, "server.max_frame", source)
@@ -212,6 +231,54 @@ def server_limits(cfg: ServerConfig) -> Limits:
     """The hostile-input bounds of a server config, for :class:`~zbus.relay.ServerCore`."""
     return Limits(max_clients=cfg.max_clients, max_name_bytes=cfg.max_name_bytes, max_header=cfg.max_header,
                   control_rate=cfg.control_rate, control_burst=cfg.control_burst)
+
+
+def _unpin(entries: list[str], ids: dict[str, str], key: str, source: str) -> tuple[list[str], dict[str, str]]:
+    """Split ``S-…@tcp://host:port`` entries into plain endpoints and an endpoint -> server Id map."""
+    endpoints, pinned = [], dict(ids)
+    for i, entry in enumerate(entries):
+        server_id, endpoint = split_pinned(entry) if isinstance(entry, str) else (None, entry)
+        parse_endpoint(endpoint, f"{key}[{i}] (in {source})")
+        if server_id is not None:
+            if not is_server_id(server_id):
+                raise ConfigError(f"{key}[{i}] (in {source}): {entry!r} names {server_id!r}, expected "
+                                  "S-<uuid4>@tcp://host:port")
+            pinned[endpoint] = server_id
+        endpoints.append(endpoint)
+    for endpoint, server_id in ids.items():
+        ids_key = "server_ids" if key.startswith("client") else "peer_ids"
+        parse_endpoint(endpoint, f"{key.split('.')[0]}.{ids_key} (in {source})")
+        if not is_server_id(server_id):
+            raise ConfigError(f"{key.split('.')[0]}.{ids_key}[{endpoint!r}] (in {source}): {server_id!r}, "
+                              "expected S-<uuid4>")
+    return endpoints, pinned
+
+
+def _secure(cfg: Any, section: str, source: str, endpoints: list[str], ids: dict[str, str], key: str,
+            id_ok: Any, id_form: str) -> str | None:
+    """Check the security keys (docs/security.md); return the node's Id (the key file's, if security is on).
+
+    With security on, the node's Id is the one its key is bound to, and every configured server must be
+    named by its Id with a trusted key: otherwise the node could not check who answers there.
+    """
+    security = load_security(cfg.key_file, cfg.trust_dir, section, source)
+    if security is None:
+        return cfg.id
+    if not id_ok(security.id):
+        raise ConfigError(f"{section}.key_file (in {source}): {cfg.key_file} is bound to {security.id!r}, "
+                          f"expected a key made for a {id_form} (zbus-node keygen{' --server' if section == 'server' else ''})")
+    if cfg.id is not None and cfg.id != security.id:
+        raise ConfigError(f"{section}.id (in {source}): {cfg.id!r}, but key_file {cfg.key_file} is bound to "
+                          f"{security.id}; expected the same Id or no id")
+    for i, endpoint in enumerate(endpoints):
+        server_id = ids.get(endpoint)
+        if server_id is None:
+            raise ConfigError(f"{section}.{key}[{i}] (in {source}): {endpoint!r} has no server Id; with key_file "
+                              f"set, expected S-<uuid4>@{endpoint} (the server whose .pub is in trust_dir)")
+        if security.key_of(server_id) is None:
+            raise ConfigError(f"{section}.{key}[{i}] (in {source}): {server_id} has no .pub in trust_dir "
+                              f"{cfg.trust_dir}; expected its key there (copy {server_id}.pub)")
+    return security.id
 
 
 def _check_positive(value: int, key: str, source: str) -> None:

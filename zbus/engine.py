@@ -36,6 +36,7 @@ from .config import ClientConfig
 from .errors import ConfigError
 from .links import Close, Dial, LinkCore, OpenData, Reply, SendLink
 from .routing import Routes
+from .security import claim_refusal, load_security, peer_id
 from .wire import DropReason
 
 log = logging.getLogger("zbus.client")
@@ -46,6 +47,9 @@ SEND_SLICE_MS = 200  # a blocked send wakes this often to notice a lost server o
 MAX_IDLE_MS = 1000
 
 _MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+# Security on: a server that refuses our key (AUTH), or whose key is not the one we trust for it.
+_HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | \
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 
 class DataSockets(NamedTuple):
@@ -62,11 +66,19 @@ class Engine:
         self.config = config
         self.tx_lock = tx_lock or threading.Lock()  # held by whoever writes on data sockets
         self._data_ids = (data_in, data_out)
+        # Security (docs/security.md): None when off. On: every socket below is CURVE, servers and
+        # peers are dialed with the key the trust list binds to their Id.
+        self.security = load_security(config.key_file, config.trust_dir, "client")
+        self._link_domain = f"zbus-links-{client_id}"
+        self._unkeyed: set[tuple[str | None, str]] = set()  # destinations we had no trusted key for (logged)
         ctx = sockets.context()
         # The link ROUTER (engine thread) at `listen`, and the link data ROUTER (user threads' recv)
         # on the same interface: peers' data connections arrive there, routing id = their token.
         self._link_router = sockets.tune(ctx.socket(zmq.ROUTER), max_frame=config.max_frame)
         self.link_in = sockets.tune(ctx.socket(zmq.ROUTER), max_frame=config.max_frame, heartbeat=False)
+        if self.security is not None:  # peers' keys checked by ZAP; each connection carries the peer's Id
+            self.security.serve(self._link_router, self._link_domain)
+            self.security.serve(self.link_in, self._link_domain)
         try:
             self._link_router.setsockopt(zmq.ROUTER_HANDOVER, 1)
             self._link_router.bind(config.listen)
@@ -80,7 +92,8 @@ class Engine:
             raise ConfigError(f"client.listen: cannot bind {config.listen}: {exc}; "
                               "expected a free tcp://ip:port of this host (port 0: any free port)") from None
         # One entry per server session, same index; replaced (never mutated) when a server is learnt.
-        self.data: tuple[DataSockets, ...] = tuple(self._open_data(ep) for ep in config.servers)
+        self.data: tuple[DataSockets, ...] = tuple(
+            self._open_data(ep, config.server_ids.get(ep)) for ep in config.servers)
         data_port = int(self.link_in.getsockopt_string(zmq.LAST_ENDPOINT).rpartition(":")[2])
         self.links = LinkCore(client_id, random.Random(), config.max_links, data_port)
         self.link_out: dict[str, zmq.Socket] = {}  # peer -> data DEALER (replaced, never mutated)
@@ -112,18 +125,30 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name=f"zbus-engine-{client_id[:10]}", daemon=True)
         self._started = False
 
-    def _open_data(self, endpoint: str) -> DataSockets:
+    def _open_data(self, endpoint: str, server_id: str | None = None) -> DataSockets:
         ctx = sockets.context()
         data_in, data_out = self._data_ids
         out = sockets.tune(ctx.socket(zmq.DEALER), max_frame=self.config.max_frame, heartbeat=False)
         out.setsockopt(zmq.ROUTING_ID, data_out)
         out.setsockopt(zmq.IMMEDIATE, 1)
         out.setsockopt(zmq.SNDTIMEO, SEND_SLICE_MS)
-        out.connect(endpoint)
         inn = sockets.tune(ctx.socket(zmq.DEALER), max_frame=self.config.max_frame, heartbeat=False)
         inn.setsockopt(zmq.ROUTING_ID, data_in)
-        inn.connect(endpoint)
+        if self._secure(out, server_id, endpoint) and self._secure(inn, server_id, endpoint):
+            out.connect(endpoint)
+            inn.connect(endpoint)
         return DataSockets(out, inn)
+
+    def _secure(self, sock: zmq.Socket, peer: str | None, endpoint: str) -> bool:
+        """Security on: make ``sock`` a CURVE client of ``peer``'s trusted key. False (do not connect:
+        nothing unverified is dialed) when no trusted key is bound to ``peer``. Security off: True."""
+        if self.security is None or self.security.dial(sock, peer):
+            return True
+        if (peer, endpoint) not in self._unkeyed:  # once per destination: links retry, servers have 3 sockets
+            self._unkeyed.add((peer, endpoint))
+            log.warning("client %s: not connecting to %s: %s", self.client_id, endpoint,
+                        f"no trusted key for {peer}" if peer else "its Id is unknown (expected S-…@tcp://…)")
+        return False
 
     def start(self) -> None:
         self._started = True
@@ -206,7 +231,7 @@ class Engine:
         monitors: list[zmq.Socket] = []
         try:
             for endpoint in self.config.servers:
-                self._open_control(endpoint, dealers, monitors)
+                self._open_control(endpoint, dealers, monitors, self.config.server_ids.get(endpoint))
             self._loop(dealers, monitors)
         except Exception:
             log.exception("client engine %s failed", self.client_id)
@@ -216,16 +241,22 @@ class Engine:
                 dealer.close(linger=0)
             for sock in [*monitors, self._ctl, self._link_router, *self._link_ctl.values()]:
                 sock.close(linger=0)
+            if self.security is not None:
+                self.security.release(sockets.context(), self._link_domain)
             self._link_ctl.clear()
             with self.changed:
                 self.routes = Routes(endpoints=self.routes.endpoints)
                 self.changed.notify_all()
 
-    def _open_control(self, endpoint: str, dealers: list[zmq.Socket], monitors: list[zmq.Socket]) -> None:
+    def _open_control(self, endpoint: str, dealers: list[zmq.Socket], monitors: list[zmq.Socket],
+                      server_id: str | None = None) -> None:
         dealer = sockets.tune(sockets.context().socket(zmq.DEALER), max_frame=self.config.max_frame)
         dealer.setsockopt(zmq.IMMEDIATE, 1)
-        monitors.append(dealer.get_monitor_socket(_MONITOR_EVENTS))
-        dealer.connect(endpoint)
+        secure = self._secure(dealer, server_id, endpoint)
+        events = _MONITOR_EVENTS | (_HANDSHAKE_FAILED if self.security is not None else 0)
+        monitors.append(dealer.get_monitor_socket(events))
+        if secure:
+            dealer.connect(endpoint)
         dealers.append(dealer)
 
     def _connect_learnt(self, poller: zmq.Poller, dealers: list[zmq.Socket], monitors: list[zmq.Socket]) -> None:
@@ -234,9 +265,10 @@ class Engine:
         if not added:
             return
         endpoints = [self.core.sessions[index].endpoint for index in added]
-        self.data = self.data + tuple(self._open_data(ep) for ep in endpoints)
-        for endpoint in endpoints:
-            self._open_control(endpoint, dealers, monitors)
+        ids = [self.core.sessions[index].server_id for index in added]
+        self.data = self.data + tuple(self._open_data(ep, server) for ep, server in zip(endpoints, ids))
+        for endpoint, server in zip(endpoints, ids):
+            self._open_control(endpoint, dealers, monitors, server)
             poller.register(dealers[-1], zmq.POLLIN)
             poller.register(monitors[-1], zmq.POLLIN)
         log.info("client %s learnt servers %s", self.client_id, ", ".join(endpoints))
@@ -330,8 +362,9 @@ class Engine:
                     pass  # that connection is gone
             elif action.__class__ is Dial:
                 dealer = sockets.tune(ctx.socket(zmq.DEALER), max_frame=self.config.max_frame)
-                dealer.connect(action.address)
-                dealer.send(action.hello, zmq.NOBLOCK)  # queued until connected
+                if self._secure(dealer, action.peer, action.address):  # else the link times out: relay
+                    dealer.connect(action.address)
+                    dealer.send(action.hello, zmq.NOBLOCK)  # queued until connected
                 self._link_ctl[action.peer] = dealer
                 poller.register(dealer, zmq.POLLIN)
             elif action.__class__ is OpenData:
@@ -339,7 +372,8 @@ class Engine:
                 out.setsockopt(zmq.ROUTING_ID, action.token)
                 out.setsockopt(zmq.IMMEDIATE, 1)
                 out.setsockopt(zmq.SNDTIMEO, SEND_SLICE_MS)
-                out.connect(action.endpoint)
+                if self._secure(out, action.peer, action.endpoint):
+                    out.connect(action.endpoint)
                 self.link_out = {**self.link_out, action.peer: out}
                 log.info("client %s: direct link to %s up (%s)", self.client_id, action.peer, action.endpoint)
             elif action.__class__ is Close:
@@ -383,6 +417,16 @@ class Engine:
                     link.last_seen = now
                     self._note_ack(link.peer, header)
                 continue
+            if self.security is not None and header.__class__ is wire.LinkHello:
+                why = claim_refusal(header.id, peer_id(frames[1]))  # the Id ZAP bound to the dialer's key
+                if why is not None:
+                    log.warning("client %s refused a direct link: %s", self.client_id, why)
+                    refusal = wire.encode(wire.Error("not-your-id", f"{self.client_id} refused the link: {why}"))
+                    try:
+                        router.send_multipart([conn, refusal], zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
+                    continue
             for action in links.on_listener(conn, header, self.routes.clients, now):
                 try:
                     router.send_multipart([action.conn, action.header], zmq.NOBLOCK)
@@ -430,6 +474,16 @@ class Engine:
                     self._send_control(dealers[i], header)
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self.core.transport_down(index)
+            elif event["event"] & _HANDSHAKE_FAILED:
+                session = self.core.sessions[index]
+                why = (f"server {session.endpoint} refused our key ({self.client_id} is not in its trust list)"
+                       if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH else
+                       f"CURVE handshake with {session.endpoint} failed (its key is not the one trusted for "
+                       f"{session.server_id or self.config.server_ids.get(session.endpoint)}, or the connection "
+                       f"broke mid-handshake; retrying)")
+                if session.refusal is None or session.refusal.message != why:
+                    log.warning("client %s: %s", self.client_id, why)
+                self.core.transport_refused(index, why)
 
     def _drain_server(self, dealers: list[zmq.Socket], index: int, now: float) -> None:
         for frames, header in self._messages(dealers[index], 1):

@@ -33,5 +33,10 @@ class ProtocolError(ZbusError):
     """A peer broke the wire protocol, or refused us for a protocol reason."""
 
 
-class IdInUse(ProtocolError):
+class Refused(ProtocolError):
+    """A peer refused us: a server refused our Hello (Id in use, or not the Id our key is bound to), or
+    its security refused our key (not in its trust list). The message says why."""
+
+
+class IdInUse(Refused):
     """A server refused to register this client: another live connection already holds its Id."""

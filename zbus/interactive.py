@@ -13,9 +13,10 @@ from .errors import ZbusError
 HELP = "type: NAME-OR-ID message   |  /peers  |  /id  |  /quit"
 
 
-def run_interactive(servers: list[str] | None, name: str | None, config: str | None) -> None:
+def run_interactive(servers: list[str] | None, name: str | None, config: str | None,
+                    key_file: str | None = None, trust_dir: str | None = None) -> None:
     try:
-        client = Client(servers=servers, name=name, config=config)
+        client = Client(servers=servers, name=name, config=config, key_file=key_file, trust_dir=trust_dir)
     except ZbusError as exc:
         raise click.ClickException(str(exc)) from None
     stop = threading.Event()

@@ -34,6 +34,7 @@ from .guard import RateLimiter
 from .ids import new_server_id
 from .reflector import Reflector
 from .relay import SEQ_TAIL, ServerCore
+from .security import claim_refusal, load_security, peer_id
 from .wire import DropReason
 
 log = logging.getLogger("zbus.server")
@@ -56,7 +57,9 @@ class Server:
 
     def __init__(self, config: ServerConfig | None = None, **overrides: Any) -> None:
         self.config = config if config is not None else load_server_config(None, **overrides)
-        self.id = self.config.id or new_server_id()
+        # Security (docs/security.md): None when off; then nothing below costs anything per message.
+        self.security = load_security(self.config.key_file, self.config.trust_dir, "server")
+        self.id = self.security.id if self.security is not None else (self.config.id or new_server_id())
         self.name = self.config.name or self.id[:10]
         self._stopping = threading.Event()
         self._bound = threading.Event()
@@ -112,7 +115,10 @@ class Server:
         # push back on, losing what their pipes hold. Clients' control connections still ping us (and
         # so notice our death); silent clients expire by client_timeout; dead TCP by keepalive.
         router = sockets.tune(sockets.context().socket(zmq.ROUTER), max_frame=self.config.max_frame, heartbeat=False)
+        domain = f"zbus-server-{self.id}"
         try:
+            if self.security is not None:  # CURVE: only trusted keys get in; each connection carries its Id
+                self.security.serve(router, domain)
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting data connection takes its id back
             router.bind(self.config.listen)
@@ -121,7 +127,7 @@ class Server:
                                    server_limits(self.config))
             host, port = parse_endpoint(self.endpoint, "listen")
             self.reflector = Reflector(host, port).start()
-            self.cluster = RaftCluster(self.id, self.name, self.endpoint, self.config)
+            self.cluster = RaftCluster(self.id, self.name, self.endpoint, self.config, self.security)
             self.cluster.start()
             self._bound.set()
             log.info("server %s (%s) listening on %s", self.id, self.name, self.endpoint)
@@ -132,13 +138,30 @@ class Server:
             if self.reflector is not None:
                 self.reflector.stop()
             router.close(linger=0)
+            if self.security is not None:
+                self.security.release(router.context, domain)
 
     # -- the loop ---------------------------------------------------------------------------
     def _serve(self, router: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
+        # Security on: handshakes that fail before ZAP (a plain-text peer, a peer expecting another key) are
+        # only visible as monitor events; they are logged from the sweep, at most once per LOG_EVERY_S.
+        monitor = None
+        if self.security is not None:
+            monitor = router.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                                                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        try:
+            self._serve_loop(router, poller, monitor)
+        finally:
+            if monitor is not None:
+                router.disable_monitor()
+                monitor.close(linger=0)
+
+    def _serve_loop(self, router: zmq.Socket, poller: zmq.Poller, monitor: zmq.Socket | None) -> None:
         core = self.core
         assert core is not None
+        failed_handshakes, next_handshake_log = 0, 0.0
         next_sweep = 0.0
         paused_total = 0.0  # the core's clock stops while we are not reading, so no one expires
         drained = False  # the last retry moved queued messages out: retry again at once
@@ -170,6 +193,14 @@ class Server:
                     on_frames(router, frames, now)
             if now >= next_sweep:
                 next_sweep = now + SWEEP_S
+                if monitor is not None:
+                    failed_handshakes += self._count_failed_handshakes(monitor)
+                    if failed_handshakes and now >= next_handshake_log:
+                        next_handshake_log = now + LOG_EVERY_S
+                        log.warning("refused %d connection(s) at the CURVE handshake since the last report: a "
+                                    "plain-text peer (no key) or one expecting another server key at %s",
+                                    failed_handshakes, self.endpoint)
+                        failed_handshakes = 0
                 core.expire(now)
                 self.cluster.report(core.stats())
                 core.set_cluster_stats(self.cluster.server_stats())
@@ -184,6 +215,17 @@ class Server:
                 drained = self._pending_count < before
             else:
                 drained = False
+
+    @staticmethod
+    def _count_failed_handshakes(monitor: zmq.Socket) -> int:
+        count = 0
+        for _ in range(BATCH):
+            try:
+                monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            count += 1
+        return count
 
     def _on_frames(self, router: zmq.Socket, frames: list[zmq.Frame], now: float) -> None:
         core = self.core
@@ -216,6 +258,12 @@ class Server:
             return
         if len(frames) != 2:
             return self._bad(conn, DropReason.MALFORMED, f"{type(header).__name__} with a payload frame")
+        if self.security is not None and header.__class__ is wire.Hello:
+            why = claim_refusal(header.id, peer_id(frames[1]))  # the Id ZAP bound to the connection's key
+            if why is not None:
+                self._bad(conn, DropReason.REFUSED, f"refused a Hello: {why}")
+                refusal = wire.encode(wire.Error("not-your-id", f"server {self.id} refused {header.id}: {why}"))
+                return self._send(router, conn, refusal, None, now)
         for out_conn, out_header, payload in core.receive(conn, header, now):
             self._send(router, out_conn, out_header, payload, now)
 

@@ -72,17 +72,29 @@ def recv_frames_rest(sock: zmq.Socket) -> None:
         sock.recv(copy=False)
 
 
-def ask(endpoint: str, request: object, expected: type, timeout: float, name: str = "", hint: str = "") -> object:
+def ask(endpoint: str, request: object, expected: type, timeout: float, name: str = "", hint: str = "",
+        security: object = None, server_id: str | None = None) -> object:
     """One request/answer on a fresh DEALER: ``request`` (a wire message) to ``endpoint``, an answer of
-    type ``expected`` back within ``timeout`` s. Raises Disconnected (no answer) or ProtocolError."""
+    type ``expected`` back within ``timeout`` s. Raises Disconnected (no answer) or ProtocolError.
+
+    ``security`` (a :class:`zbus.security.Security`): dial over CURVE, expecting the key the trust list
+    binds to ``server_id``; a server that refuses our key is reported as such, not as silence."""
     from . import wire
-    from .errors import Disconnected, ProtocolError
+    from .errors import ConfigError, Disconnected, ProtocolError, Refused
 
     sock = tune(context().socket(zmq.DEALER), max_frame=wire.DEFAULT_MAX_FRAME)
+    monitor = None
     try:
+        if security is not None:
+            if not security.dial(sock, server_id):
+                raise ConfigError(f"{endpoint}: no trusted key for {server_id or 'its server (no Id given)'}; "
+                                  "expected S-<uuid4>@tcp://host:port with that server's .pub in the trust directory")
+            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         sock.connect(endpoint)
         sock.send(wire.encode(request))
         if not sock.poll(int(timeout * 1000)):
+            if monitor is not None and monitor.poll(0):
+                raise Refused(f"{name or endpoint} refused our key ({security.id} is not in its trust list)")
             raise Disconnected(f"no answer from {name or endpoint} within {timeout}s{hint}")
         frames = sock.recv_multipart()
         try:
@@ -93,4 +105,7 @@ def ask(endpoint: str, request: object, expected: type, timeout: float, name: st
             raise ProtocolError(f"{endpoint} answered {type(reply).__name__}, expected {expected.__name__}")
         return reply
     finally:
+        if monitor is not None:
+            sock.disable_monitor()
+            monitor.close(linger=0)
         sock.close(linger=0)

@@ -7,15 +7,21 @@ import sys
 from . import sockets, wire
 from .config import parse_endpoint
 from .errors import ConfigError
+from .security import load_security, split_pinned
 
 
-def query_status(endpoint: str, timeout: float = 3.0) -> wire.StatusReply:
-    try:
-        parse_endpoint(endpoint, "--server")
-    except ConfigError as exc:
-        raise ConfigError(str(exc)) from None
+def query_status(endpoint: str, timeout: float = 3.0, key_file: str | None = None,
+                 trust_dir: str | None = None) -> wire.StatusReply:
+    """Ask the server at ``endpoint``; with ``key_file``/``trust_dir`` (security on), over CURVE: then
+    ``endpoint`` names the server's Id, ``S-<uuid4>@tcp://host:port``."""
+    server_id, endpoint = split_pinned(endpoint)
+    parse_endpoint(endpoint, "--server")
+    if bool(key_file) != bool(trust_dir):
+        raise ConfigError("--key and --trust go together: expected a key file trusted by the server and the "
+                          "directory holding the server's .pub")
+    security = load_security(key_file or "", trust_dir or "")
     return sockets.ask(endpoint, wire.StatusRequest(), wire.StatusReply, timeout,
-                       hint=" (is a zbus server running there?)")
+                       hint=" (is a zbus server running there?)", security=security, server_id=server_id)
 
 
 def render_status(reply: wire.StatusReply) -> None:

@@ -45,6 +45,7 @@ CASES: dict[str, str] = {
     "nats": "zbus.bench.nats_roles:NATS",
     "zbus-relay": "zbus.bench.zbus_roles:ZBUS_RELAY",
     "zbus-direct": "zbus.bench.zbus_roles:ZBUS_DIRECT",
+    "zbus-relay-curve": "zbus.bench.zbus_roles:ZBUS_RELAY_CURVE",
     "raw-relay-multipart": "zbus.bench.raw:RELAY_MULTIPART",
 }
 DEFAULT_CASES = ("raw-dealer-router", "raw-relay", "nats", "zbus-relay", "zbus-direct")

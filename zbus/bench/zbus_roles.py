@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import zbus
 
@@ -50,9 +53,40 @@ def _name(role: str) -> str:
 
 
 _DIRECT = {"direct": False}  # set by the zbus-direct role wrappers, per process
+_CURVE = {"curve": False}  # set by the zbus-relay-curve role wrappers, per process
+_CURVE_ENV = "ZBUS_BENCH_CURVE_DIR"  # keys/ and trust/ of the curve case, made by its start_infra
+
+
+def _new_key(root: Path, server: bool) -> tuple[str, Path]:
+    """A fresh key pair in root/keys, its .pub trusted in root/trust; returns (Id, .key path)."""
+    from zbus.ids import new_client_id, new_server_id
+    from zbus.security import keygen
+
+    node = new_server_id() if server else new_client_id()
+    pub, key = keygen(root / "keys", node)
+    (root / "trust").mkdir(exist_ok=True)
+    shutil.copy(pub, root / "trust" / pub.name)  # the server re-reads its trust directory on a new key
+    return node, key
+
+
+def _start_curve_server(launcher) -> str:
+    """The zbus server with security on (docs/security.md); returns its pinned endpoint S-…@tcp://…."""
+    root = Path(tempfile.mkdtemp(prefix="zbus-bench-curve-"))  # a few hundred bytes of keys, left in the tmp dir
+    os.environ[_CURVE_ENV] = str(root)  # inherited by the role processes spawned after this
+    server_id, key = _new_key(root, server=True)
+    port = free_tcp_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    launcher.start_command([sys.executable, "-m", "zbus.cli", "server", "--listen", endpoint, "--name",
+                            "bench-server", "--key", str(key), "--trust", str(root / "trust")], port)
+    return f"{server_id}@{endpoint}"
 
 
 def _client(job: Job, role: str) -> zbus.Client:
+    if _CURVE["curve"]:
+        root = Path(os.environ[_CURVE_ENV])
+        _, key = _new_key(root, server=False)
+        return zbus.Client(servers=[job.endpoint], name=_name(role), max_links=0, key_file=str(key),
+                           trust_dir=str(root / "trust"))
     if _DIRECT["direct"]:
         return zbus.Client(servers=[job.endpoint], name=_name(role), listen="tcp://127.0.0.1:0")
     return zbus.Client(servers=[job.endpoint], name=_name(role), max_links=0)
@@ -217,4 +251,35 @@ ZBUS_DIRECT = Case(
     rtt_echo=direct_rtt_echo,
     rtt_ping=direct_rtt_ping,
     start_infra=_start_server,
+)
+
+
+def curve_throughput_receiver(ctl: Control, job: Job) -> None:
+    _CURVE["curve"] = True
+    throughput_receiver(ctl, job)
+
+
+def curve_throughput_sender(ctl: Control, job: Job) -> None:
+    _CURVE["curve"] = True
+    throughput_sender(ctl, job)
+
+
+def curve_rtt_echo(ctl: Control, job: Job) -> None:
+    _CURVE["curve"] = True
+    rtt_echo(ctl, job)
+
+
+def curve_rtt_ping(ctl: Control, job: Job) -> None:
+    _CURVE["curve"] = True
+    rtt_ping(ctl, job)
+
+
+ZBUS_RELAY_CURVE = Case(
+    name="zbus-relay-curve",
+    summary="zbus-relay with security on: CurveZMQ on every link, keys bound to Ids (docs/security.md)",
+    throughput_receiver=curve_throughput_receiver,
+    throughput_sender=curve_throughput_sender,
+    rtt_echo=curve_rtt_echo,
+    rtt_ping=curve_rtt_ping,
+    start_infra=_start_curve_server,
 )

@@ -170,6 +170,16 @@ class ClusterCore:
                 wanted.add(self._target.master_endpoint)
             self._links.prune(now, wanted, self.table.ids(), max(10 * self._settings.dead_after, 300.0))
 
+    def id_at(self, cluster_endpoint: str) -> str | None:
+        """The server Id this node expects at ``cluster_endpoint`` (the driver picks the CURVE key by it)."""
+        target = self._target
+        if target is not None and target.master_endpoint == cluster_endpoint:
+            return target.master
+        for row in (*self.table.rows(), *self._joining_rows, *(p.row for p in self.mesh.peers.values())):
+            if row.cluster_endpoint == cluster_endpoint:
+                return row.id
+        return None
+
     # -- outputs ---------------------------------------------------------------------------------
     def take_actions(self) -> list[Action]:
         return self._links.take_actions()

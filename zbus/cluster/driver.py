@@ -31,6 +31,7 @@ from .. import sockets, wire
 from ..config import ServerConfig, parse_endpoint
 from ..errors import ConfigError
 from ..netinfo import private_addresses
+from ..security import Security, claim_refusal, peer_id
 from ..sockets import recv_frames
 from .actions import Connect, Disconnect, Reply, Send
 from .core import ClusterCore
@@ -44,6 +45,9 @@ CLUSTER_MAX_FRAME = 1024 * 1024  # cluster messages are small; anything larger i
 BATCH = 256  # messages handled per wake-up before the timers are checked
 DEALER_HWM = 1000
 MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+# With security on, a peer that refuses our key (or whose key is not the one we expect) fails the handshake.
+HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | \
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 MAX_LOGGED_FAILURES = 10
 
 
@@ -56,13 +60,20 @@ def settings_from(config: ServerConfig) -> ClusterSettings:
 class _Link:
     """Our DEALER to one peer and its monitor."""
 
-    def __init__(self, context: zmq.Context, endpoint: str) -> None:
+    def __init__(self, context: zmq.Context, endpoint: str, security: Security | None = None,
+                 peer: str | None = None) -> None:
         self.endpoint = endpoint
+        self.peer = peer  # the server Id expected there (security on), else None
+        self.failed_logged = False
         self.dealer = sockets.tune(context.socket(zmq.DEALER), max_frame=CLUSTER_MAX_FRAME)
         self.dealer.setsockopt(zmq.IMMEDIATE, 1)
         self.dealer.setsockopt(zmq.SNDHWM, DEALER_HWM)
         self.dealer.setsockopt(zmq.ROUTING_ID, b"\x01" + os.urandom(15))  # libzmq reserves a leading 0
-        self.monitor = self.dealer.get_monitor_socket(MONITOR_EVENTS)
+        events = MONITOR_EVENTS
+        if security is not None:  # CURVE client of the key bound to ``peer`` in the trust list
+            security.dial(self.dealer, peer)
+            events |= HANDSHAKE_FAILED
+        self.monitor = self.dealer.get_monitor_socket(events)
         self.dealer.connect(endpoint)
 
     def close(self) -> None:
@@ -77,8 +88,11 @@ class _Link:
 class RaftCluster:
     """The Raft-backed cluster of one server: ``start()``, ``view()``, ``report()``, ``stop()``."""
 
-    def __init__(self, server_id: str, name: str, data_endpoint: str, config: ServerConfig) -> None:
+    def __init__(self, server_id: str, name: str, data_endpoint: str, config: ServerConfig,
+                 security: Security | None = None) -> None:
         self.server_id = server_id
+        self.security = security  # None: plain TCP, no per-message cost
+        self.refused = 0  # ClusterHellos refused because the key belongs to another Id (security on)
         self.name = name
         self.data_endpoint = data_endpoint
         self.config = config
@@ -86,11 +100,14 @@ class RaftCluster:
         if config.cluster_listen:
             parse_endpoint(config.cluster_listen, "server.cluster_listen", allow_port_zero=True)
         self.contacts = []
+        self._contact_ids: dict[str, str] = {}  # configured peers' cluster endpoints -> their pinned Ids
         for i, peer in enumerate(config.peers):
             try:
                 self.contacts.append(derive_cluster_endpoint(peer))
             except ValueError as exc:
                 raise ConfigError(f"server.peers[{i}]: {exc}") from None
+            if peer in config.peer_ids:
+                self._contact_ids[self.contacts[-1]] = config.peer_ids[peer]
         self.started_at = time.time()
         self.instance = uuid.uuid4().hex
         self.endpoint = ""  # the bound cluster endpoint, once started
@@ -134,7 +151,10 @@ class RaftCluster:
         context = sockets.context()
         router = sockets.tune(context.socket(zmq.ROUTER), max_frame=CLUSTER_MAX_FRAME)
         links: dict[str, _Link] = {}
+        domain = f"zbus-cluster-{self.server_id}"
         try:
+            if self.security is not None:  # only trusted servers' keys get in (ZAP), bound to their Ids
+                self.security.serve(router, domain)
             router.setsockopt(zmq.ROUTER_HANDOVER, 1)
             self._bind(router)
             core = self._make_core()
@@ -152,6 +172,8 @@ class RaftCluster:
             for link in links.values():
                 link.close()
             router.close(linger=0)
+            if self.security is not None:
+                self.security.release(context, domain)
 
     def _bind(self, router: zmq.Socket) -> None:
         wanted = self.config.cluster_listen or derive_cluster_endpoint(self.data_endpoint)
@@ -222,6 +244,15 @@ class RaftCluster:
             except wire.WireError as exc:
                 core.dropped[exc.reason.value] += 1
                 continue
+            if self.security is not None and header.__class__ is wire.ClusterHello:
+                why = claim_refusal(header.server.id, peer_id(frames[1]))  # the Id bound to its key by ZAP
+                if why is not None:
+                    core.dropped["not-your-id"] += 1
+                    self.refused += 1
+                    if self.refused <= MAX_LOGGED_FAILURES:
+                        log.warning("%s refused a ClusterHello on connection %s: %s", self.server_id,
+                                    conn.hex(), why)
+                    continue
             try:
                 observed = frames[1].get("Peer-Address")
             except (zmq.ZMQError, AttributeError):
@@ -249,20 +280,25 @@ class RaftCluster:
             else:
                 core.dropped["malformed"] += 1
 
-    @staticmethod
-    def _drain_monitor(link: _Link, core: ClusterCore, now: float) -> None:
+    def _drain_monitor(self, link: _Link, core: ClusterCore, now: float) -> None:
         while True:
             try:
                 event = recv_monitor_message(link.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                link.failed_logged = False
                 core.on_link(link.endpoint, True, now)
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 core.on_link(link.endpoint, False, now)
+            elif event["event"] & HANDSHAKE_FAILED and not link.failed_logged:
+                link.failed_logged = True  # once per failure streak: libzmq retries every second
+                why = "it refused our key (not in its trust list)" if event["event"] == \
+                    zmq.EVENT_HANDSHAKE_FAILED_AUTH else "CURVE handshake failed (its key is not the one we trust for it)"
+                log.warning("%s: cluster link to %s (%s) failed: %s", self.server_id, link.endpoint,
+                            link.peer, why)
 
-    @staticmethod
-    def _execute(context: zmq.Context, core: ClusterCore, router: zmq.Socket, links: dict[str, _Link],
+    def _execute(self, context: zmq.Context, core: ClusterCore, router: zmq.Socket, links: dict[str, _Link],
                  poller: zmq.Poller, by_socket: dict[Any, _Link]) -> None:
         for action in core.take_actions():
             if isinstance(action, Send):
@@ -279,7 +315,15 @@ class RaftCluster:
                     pass
             elif isinstance(action, Connect):
                 if action.endpoint not in links:
-                    link = _Link(context, action.endpoint)
+                    peer = None
+                    if self.security is not None:
+                        peer = self._contact_ids.get(action.endpoint) or core.id_at(action.endpoint)
+                        if self.security.key_of(peer) is None:
+                            log.warning("%s: not connecting to cluster endpoint %s: %s", self.server_id,
+                                        action.endpoint, f"no trusted key for {peer}" if peer else
+                                        "no server Id known there (name configured peers S-…@tcp://…)")
+                            continue
+                    link = _Link(context, action.endpoint, self.security, peer)
                     links[action.endpoint] = link
                     by_socket[link.dealer] = by_socket[link.monitor] = link
                     poller.register(link.dealer, zmq.POLLIN)

@@ -6,11 +6,13 @@ from .. import sockets, wire
 from .rules import derive_cluster_endpoint
 
 
-def query_cluster_status(cluster_endpoint: str, timeout: float = 2.0) -> wire.ClusterStatusReply:
+def query_cluster_status(cluster_endpoint: str, timeout: float = 2.0, security=None,
+                         server_id: str | None = None) -> wire.ClusterStatusReply:
     """One :class:`~zbus.wire.ClusterStatusReply` from ``cluster_endpoint``; raises ``Disconnected``
-    when nothing answers within ``timeout`` seconds."""
+    when nothing answers within ``timeout`` seconds. With ``security`` (a :class:`zbus.security.Security`
+    trusted by that server), over CURVE, expecting the key of ``server_id``."""
     return sockets.ask(cluster_endpoint, wire.ClusterStatusRequest(), wire.ClusterStatusReply, timeout,
-                       name=f"cluster endpoint {cluster_endpoint}")
+                       name=f"cluster endpoint {cluster_endpoint}", security=security, server_id=server_id)
 
 
 def cluster_endpoint_of(data_endpoint: str) -> str:
