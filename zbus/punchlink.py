@@ -1,0 +1,457 @@
+"""Punched links: a client's punch service, the TCP pipe through both NATs, and the ZMQ bridge.
+
+The link machinery (:mod:`zbus.links`) only knows how to dial a ZMQ endpoint. A punched link gives
+it one on loopback: a :class:`Bridge` listens on ``127.0.0.1`` (one port for the link's control
+connection, one for its data connection) and carries every TCP connection made there, multiplexed,
+over one *pipe* to the peer's bridge, which opens the matching connection to the peer's own link
+ROUTER / data ROUTER. Hello/Welcome then prove the peer's Id over the punched path exactly as for a
+direct link, and RTT, pings, sequence numbers, fallback and ``max_links`` are the direct link's.
+
+The pipe is a TCP connection made by **simultaneous open** from the punch socket's port number to the
+peer's punched UDP endpoint (docs/nat.md: a cone NAT keeps the port for TCP as for UDP, so the UDP
+rendezvous predicts the TCP endpoint). Each side also *listens* on that port, so a peer without NAT
+is reached by the NATed side's plain connect. Both sides send the punch session id first; a pipe
+whose first 16 bytes differ is dropped.
+
+:class:`PunchService` is one thread per client that owns the punch socket: it keeps it registered at
+one server's rendezvous (the first configured server), serves invitations (``PunchGo``) and runs
+punches the engine asks for. The blocking driver of :mod:`zbus.punch_udp` runs here, never in the
+engine thread. Results go to the engine as events (a queue plus a wake-up byte on a socket pair).
+
+Limits: one punch at a time per client; a birthday path (one side behind a symmetric NAT) is
+punched but TCP cannot follow it, so those pairs stay on the relay (QUIC over the punched UDP
+socket is the measured fallback, not done here).
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import select
+import socket
+import struct
+import threading
+import time
+from typing import Callable
+
+from . import wire
+from .punch_udp import PunchFailed, open_punch_socket, register, renewer, run_punch, wait_go
+
+log = logging.getLogger("zbus.punchlink")
+
+PIPE_OPEN_S = 3.0  # how long both sides try to make the TCP pipe after punching
+CONNECT_TRY_S = 1.5  # one connect() attempt (covers one SYN retransmission at 1 s)
+PUNCH_TIMEOUT_S = 3.0  # waiting for the rendezvous answer (PunchGo)
+BRIDGE_PING_S = 1.0  # the bridge says something on an idle pipe this often
+BRIDGE_DEAD_S = 5.0  # ... and closes a pipe that said nothing for this long
+REGISTER_RETRY_S = 2.0
+HIGH_WATER = 8 << 20  # stop reading one side while the other side's buffer is above this
+CHUNK = 256 << 10
+
+# Pipe frames: stream id (u32), op (u8), payload length (u32), payload.
+_HEAD = struct.Struct(">IBI")
+OPEN, DATA, CLOSE, PING = 0, 1, 2, 3
+TARGET_CTL, TARGET_DATA = b"c", b"d"
+
+
+def _reuse(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+
+def open_pipe(local_port: int, peer: tuple[str, int], session: bytes, timeout: float = PIPE_OPEN_S) -> socket.socket:
+    """A TCP connection with the peer: simultaneous open from ``local_port`` to ``peer``, or the
+    peer's connect accepted on ``local_port``; both ends prove the punch ``session`` first.
+    Raises TimeoutError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    _reuse(listener)
+    listener.bind(("0.0.0.0", local_port))
+    listener.listen(4)
+    listener.setblocking(False)
+    conn: socket.socket | None = None
+    try:
+        while conn is None and time.monotonic() < deadline:
+            conn = _one_attempt(listener, local_port, peer, min(deadline, time.monotonic() + CONNECT_TRY_S))
+            if conn is not None and not _same_session(conn, session, deadline):
+                conn.close()
+                conn = None
+        if conn is None:
+            raise TimeoutError(f"no TCP pipe with {peer[0]}:{peer[1]} within {timeout:g} s")
+        conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+    finally:
+        listener.close()
+
+
+def _one_attempt(listener: socket.socket, local_port: int, peer: tuple[str, int], until: float) -> socket.socket | None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    _reuse(sock)
+    sock.bind(("0.0.0.0", local_port))
+    sock.setblocking(False)
+    err = sock.connect_ex(peer)
+    connecting = err in (0, errno.EINPROGRESS)
+    try:
+        while (left := until - time.monotonic()) > 0:
+            readable, writable, _ = select.select([listener], [sock] if connecting else [], [], left)
+            if listener in readable:
+                try:
+                    conn, addr = listener.accept()
+                except OSError:
+                    continue
+                if addr[0] == peer[0]:
+                    return conn
+                conn.close()  # a stranger: the session check would fail anyway
+            if sock in writable:
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    result, sock = sock, None
+                    return result
+                connecting = False  # refused (peer not in SYN_SENT yet): wait on the listener a bit
+                until = min(until, time.monotonic() + 0.1)
+        return None
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+def _same_session(conn: socket.socket, session: bytes, deadline: float) -> bool:
+    conn.setblocking(True)
+    try:
+        conn.settimeout(max(0.1, deadline - time.monotonic()))
+        conn.sendall(session)
+        got = b""
+        while len(got) < len(session):
+            chunk = conn.recv(len(session) - len(got))
+            if not chunk:
+                return False
+            got += chunk
+        return got == session
+    except OSError:
+        return False
+
+
+class Bridge:
+    """ZMQ <-> pipe: local TCP connections to ``ctl_endpoint``/``data_endpoint`` become streams on
+    the pipe; streams the peer opens become connections to our own link ROUTERs (``targets``)."""
+
+    def __init__(self, peer: str, pipe: socket.socket, targets: dict[bytes, tuple[str, int]],
+                 odd: bool, on_close: Callable[["Bridge"], None]) -> None:
+        self.peer = peer
+        self.pipe = pipe
+        self.targets = targets
+        self.on_close = on_close
+        self.listeners: dict[bytes, socket.socket] = {}
+        for kind in (TARGET_CTL, TARGET_DATA):
+            lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(8)
+            lsock.setblocking(False)
+            self.listeners[kind] = lsock
+        self.ctl_endpoint = "tcp://127.0.0.1:%d" % self.listeners[TARGET_CTL].getsockname()[1]
+        self.data_endpoint = "tcp://127.0.0.1:%d" % self.listeners[TARGET_DATA].getsockname()[1]
+        self._next_id = 1 if odd else 2
+        self.streams: dict[int, socket.socket] = {}
+        self.outbuf: dict[int, bytearray] = {}
+        self.pipe_out = bytearray()
+        self.pipe_in = bytearray()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stop = False
+        self.closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"zbus-bridge-{peer[:10]}", daemon=True)
+
+    def start(self) -> "Bridge":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the bridge (from any thread); every stream and the pipe are closed."""
+        self._stop = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def join(self, timeout: float = 2.0) -> None:
+        self._thread.join(timeout)
+
+    # -- the thread -----------------------------------------------------------------------------
+    def _frame(self, sid: int, op: int, payload: bytes = b"") -> None:
+        self.pipe_out += _HEAD.pack(sid, op, len(payload))
+        self.pipe_out += payload
+
+    def _run(self) -> None:
+        heard = sent = time.monotonic()
+        try:
+            while not self._stop:
+                now = time.monotonic()
+                if now - heard > BRIDGE_DEAD_S:
+                    log.info("punched pipe to %s: silent for %.0f s, closing", self.peer, BRIDGE_DEAD_S)
+                    return
+                if now - sent > BRIDGE_PING_S and not self.pipe_out:
+                    self._frame(0, PING)
+                pipe_full = len(self.pipe_out) > HIGH_WATER
+                streams_full = any(len(b) > HIGH_WATER for b in self.outbuf.values())
+                rlist = [self._wake_r]
+                if not streams_full:
+                    rlist.append(self.pipe)
+                if not pipe_full:
+                    rlist += list(self.listeners.values()) + list(self.streams.values())
+                wlist = [self.pipe] if self.pipe_out else []
+                wlist += [self.streams[s] for s, b in self.outbuf.items() if b and s in self.streams]
+                readable, writable, _ = select.select(rlist, wlist, [], BRIDGE_PING_S / 2)
+                if self.pipe in writable:
+                    n = self.pipe.send(self.pipe_out[:CHUNK * 4])
+                    del self.pipe_out[:n]
+                    sent = time.monotonic()
+                for sid, sock in list(self.streams.items()):
+                    if sock in writable and self.outbuf.get(sid):
+                        try:
+                            n = sock.send(self.outbuf[sid][:CHUNK * 4])
+                            del self.outbuf[sid][:n]
+                        except OSError:
+                            self._drop_stream(sid, tell=True)
+                for sock in readable:
+                    if sock is self._wake_r:
+                        sock.recv(64)
+                    elif sock is self.pipe:
+                        data = self.pipe.recv(CHUNK * 4)
+                        if not data:
+                            log.info("punched pipe to %s closed by the peer", self.peer)
+                            return
+                        heard = time.monotonic()
+                        self.pipe_in += data
+                        self._parse()
+                    elif sock in self.listeners.values():
+                        self._accept(sock)
+                    else:
+                        self._read_stream(sock)
+        except OSError as exc:
+            log.info("punched pipe to %s failed: %s", self.peer, exc)
+        finally:
+            for sock in [*self.streams.values(), *self.listeners.values(), self.pipe, self._wake_r, self._wake_w]:
+                sock.close()
+            self.streams.clear()
+            self.closed.set()
+            self.on_close(self)
+
+    def _accept(self, lsock: socket.socket) -> None:
+        try:
+            conn, _ = lsock.accept()
+        except OSError:
+            return
+        conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sid, self._next_id = self._next_id, self._next_id + 2
+        self.streams[sid] = conn
+        self.outbuf[sid] = bytearray()
+        kind = next(k for k, s in self.listeners.items() if s is lsock)
+        self._frame(sid, OPEN, kind)
+
+    def _read_stream(self, sock: socket.socket) -> None:
+        sid = next((s for s, c in self.streams.items() if c is sock), None)
+        if sid is None:
+            return
+        try:
+            data = sock.recv(CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            self._frame(sid, DATA, data)
+        else:
+            self._drop_stream(sid, tell=True)
+
+    def _drop_stream(self, sid: int, tell: bool) -> None:
+        sock = self.streams.pop(sid, None)
+        self.outbuf.pop(sid, None)
+        if sock is not None:
+            sock.close()
+            if tell:
+                self._frame(sid, CLOSE)
+
+    def _parse(self) -> None:
+        buf = self.pipe_in
+        offset = 0
+        while len(buf) - offset >= _HEAD.size:
+            sid, op, size = _HEAD.unpack_from(buf, offset)
+            end = offset + _HEAD.size + size
+            if len(buf) < end:
+                break
+            payload = bytes(buf[offset + _HEAD.size:end])
+            offset = end
+            if op == DATA:
+                out = self.outbuf.get(sid)
+                if out is not None:
+                    out += payload
+            elif op == OPEN:
+                self._open_local(sid, payload)
+            elif op == CLOSE:
+                self._drop_stream(sid, tell=False)
+        del buf[:offset]
+
+    def _open_local(self, sid: int, kind: bytes) -> None:
+        target = self.targets.get(kind)
+        if target is None or sid in self.streams:
+            self._frame(sid, CLOSE)
+            return
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.connect(target)  # loopback: immediate
+        except OSError:
+            sock.close()
+            self._frame(sid, CLOSE)
+            return
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.streams[sid] = sock
+        self.outbuf[sid] = bytearray()
+
+
+def _target(endpoint: str) -> tuple[str, int]:
+    """A ZMQ tcp endpoint of ours, as an address to connect to on this host."""
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    host = host.strip("[]")
+    if host in ("0.0.0.0", "*", "::", ""):
+        host = "127.0.0.1"
+    return host, int(port)
+
+
+class PunchService:
+    """One thread per client: keeps the punch socket registered, punches, builds bridges.
+
+    ``post(event)`` is called (from this thread or a bridge's) with ``("up", peer, bridge, elapsed)``,
+    ``("failed", peer, reason)`` or ``("down", peer, bridge)``; the engine applies them.
+    """
+
+    def __init__(self, client_id: str, server: tuple[str, int], ctl_endpoint: str, data_endpoint: str,
+                 hard: Callable[[], bool], post: Callable[[tuple], None]) -> None:
+        self.client_id = client_id
+        self.server = server
+        self.targets = {TARGET_CTL: _target(ctl_endpoint), TARGET_DATA: _target(data_endpoint)}
+        self.hard = hard
+        self.post = post
+        self.sock = open_punch_socket()
+        self.public: tuple[str, int] | None = None
+        self.requests: collections.deque[str] = collections.deque()
+        self.bridges: dict[str, Bridge] = {}
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=f"zbus-punch-{client_id[:10]}", daemon=True)
+
+    def start(self) -> "PunchService":
+        self._thread.start()
+        return self
+
+    def request(self, peer: str) -> None:
+        """Ask for a punched link to ``peer`` (any thread); answered by an "up" or "failed" event."""
+        self.requests.append(peer)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def close_bridge(self, peer: str) -> None:
+        with self._lock:
+            bridge = self.bridges.get(peer)
+        if bridge is not None:
+            bridge.close()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake()
+        self._thread.join(PIPE_OPEN_S + PUNCH_TIMEOUT_S + 8.0)  # a punch in progress is bounded
+        with self._lock:
+            bridges = list(self.bridges.values())
+        for bridge in bridges:
+            bridge.close()
+        for bridge in bridges:
+            bridge.join()
+        for sock in (self.sock, self._wake_r, self._wake_w):
+            sock.close()
+
+    # -- the thread -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        next_register = 0.0
+        while not self._stop:
+            now = time.monotonic()
+            if now >= next_register:
+                try:
+                    self.public = register(self.sock, self.server, self.client_id, self.hard(), timeout=2.0)
+                    next_register = time.monotonic() + 20.0
+                except (TimeoutError, OSError) as exc:
+                    log.debug("punch registration at %s failed: %s", self.server, exc)
+                    next_register = time.monotonic() + REGISTER_RETRY_S
+                continue
+            if self.requests:
+                self._punch(self.requests.popleft(), None)
+                continue
+            readable = select.select([self.sock, self._wake_r], [], [], min(1.0, next_register - now))[0]
+            if self._wake_r in readable:
+                self._wake_r.recv(64)
+            if self.sock in readable:
+                try:
+                    datagram, _ = self.sock.recvfrom(65535)
+                    message = wire.decode(datagram)
+                except (OSError, wire.WireError):
+                    continue
+                if isinstance(message, wire.PunchGo) and not message.refused:
+                    self._punch(message.peer, message)
+
+    def _punch(self, peer: str, go: wire.PunchGo | None) -> None:
+        """Punch towards ``peer`` (requester when ``go`` is None), then make the pipe and bridge."""
+        start = time.monotonic()
+        hard = self.hard()
+        requester = go is None
+        try:
+            renew = None
+            if go is None:
+                go = wait_go(self.sock, self.server, self.client_id, hard, PUNCH_TIMEOUT_S, peer_id=peer)
+                renew = renewer(self.sock, self.server, self.client_id, peer, hard)
+            path = run_punch(self.sock, self.client_id, go, renew=renew)
+            if path.sock is not self.sock:  # a birthday path on an extra socket: no TCP port to match
+                path.sock.close()
+                raise PunchFailed(None, "punched a birthday path (symmetric NAT): TCP cannot follow it; "
+                                        "QUIC over the punched path is not implemented; use the relay")
+            pipe = open_pipe(self.sock.getsockname()[1], path.peer_addr, go.session)
+        except (PunchFailed, TimeoutError, OSError) as exc:
+            log.info("client %s: punch with %s failed: %s", self.client_id, peer, exc)
+            if requester:  # (an invited side that fails has nothing to back off from)
+                self.post(("failed", peer, str(exc)))
+            return
+        bridge = Bridge(peer, pipe, self.targets, go.controlling, self._bridge_closed)
+        with self._lock:
+            old = self.bridges.get(peer)
+            self.bridges[peer] = bridge
+        if old is not None:
+            old.close()
+        address = f"{path.peer_addr[0]}:{path.peer_addr[1]}"
+        log.info("client %s: punched pipe to %s at %s in %.3f s", self.client_id, peer, address,
+                 time.monotonic() - start)
+        self.post(("up", peer, bridge, address))
+        bridge.start()
+
+    def _bridge_closed(self, bridge: Bridge) -> None:
+        with self._lock:
+            if self.bridges.get(bridge.peer) is bridge:
+                del self.bridges[bridge.peer]
+        self.post(("down", bridge.peer, bridge))
+
+
+def server_udp(endpoint: str) -> tuple[str, int]:
+    """A server's rendezvous address: the host and port number of its ``tcp://`` endpoint."""
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def hard_from_public(public: list[str]) -> bool:
+    """Endpoint-dependent mapping: servers saw our one UDP socket at different ports."""
+    return len({p.rpartition(":")[2] for p in public}) > 1
+
+
