@@ -97,3 +97,73 @@ def test_cone_cone_punched_link_carries_a_stream_in_order(natlab):
     punched = next(p for p in paths(a) if p["kind"] == "punched")
     assert punched["address"].split(":")[0] == lab.public_addr("b"), punched
     assert report["via"].get("punched", 0) > 0, report
+
+
+def run_streams(cells: dict, n: int, rate: int, timeout: float) -> dict:
+    """Every cell's A streams to its B at once; returns each B's report (asserted complete, in order)."""
+    for a, b in cells.values():
+        b.send_line("reset")
+        a.send_line(f"send {n} {rate}")
+    for a, b in cells.values():
+        a.wait_line(lambda line: '"event": "sent"' in line, timeout, what="the stream sent")
+        b.send_line(f"expect {n} {timeout}")
+    reports = {}
+    for key, (a, b) in cells.items():
+        b.wait_line(lambda line: '"event": "received"' in line, timeout + 5.0, what="B's report")
+        reports[key] = [e for e in b.events() if e["event"] == "received"][-1]
+    for key, report in reports.items():
+        assert report["n"] == n and report["in_order"], (key, report)
+    return reports
+
+
+def test_matrix_direct_punched_relay_and_same_nat(natlab):
+    """A behind {none, cone, symmetric} x B behind {none, cone, symmetric}, plus two hosts behind one
+    cone NAT; all cells at once, a 10,000-message stream in each while the path upgrades."""
+    lab = natlab
+    lab.add_public_host("s1")
+    for nat in NATS:
+        lab.add_router(f"ra{nat[:3]}", nat=nat)
+        lab.add_router(f"rb{nat[:3]}", nat=nat)
+    cells_hosts = {}
+    for x in NATS:
+        for y in NATS:
+            a_host, b_host = f"a{x[:3]}{y[:3]}", f"b{x[:3]}{y[:3]}"
+            lab.add_host(a_host, router=f"ra{x[:3]}")
+            lab.add_host(b_host, router=f"rb{y[:3]}")
+            cells_hosts[(x, y)] = (a_host, b_host)
+    lab.add_host("same1", router="racon")
+    lab.add_host("same2", router="racon")
+    cells_hosts[("same", "same")] = ("same1", "same2")
+    lab.build()
+    start_server(lab)
+    cells = {}
+    for key, (a_host, b_host) in cells_hosts.items():
+        tag = f"{key[0][:3]}{key[1][:3]}"
+        cells[key] = (worker(lab, a_host, f"a-{tag}"), worker(lab, b_host, f"b-{tag}"))
+    for key, (a, _) in cells.items():
+        a.send_line(f"peer b-{key[0][:3]}{key[1][:3]}")
+    for a, _ in cells.values():
+        a.wait_event("peer", timeout=30.0)
+    reports = run_streams(cells, STREAM, RATE, 90.0)
+    got = {key: final_kind(a) for key, (a, _) in cells.items()}
+    print("\nA (sends) \\ B | " + " | ".join(NATS))
+    for x in NATS:
+        row = []
+        for y in NATS:
+            a = cells[(x, y)][0]
+            kind = got[(x, y)]
+            when = first_time(a, kind)
+            row.append(f"{kind} {when:.3f}s" if kind != "relay" and when is not None else kind)
+        print(f"{x} | " + " | ".join(row))
+    same_a = cells[("same", "same")][0]
+    print(f"same NAT: {got[('same', 'same')]} {paths(same_a)[-1]['address']} via {reports[('same', 'same')]['via']}")
+    for key, report in reports.items():
+        print(f"{key}: received via {report['via']}")
+    assert {k: v for k, v in got.items() if k != ("same", "same")} == EXPECTED, got
+    assert got[("same", "same")] == "direct" and paths(same_a)[-1]["address"].startswith("tcp://10."), paths(same_a)
+    for key, kind in got.items():
+        if kind != "relay":
+            assert reports[key]["via"].get(kind, 0) > 0, (key, reports[key])
+        if kind == "punched":
+            b_host = cells_hosts[key][1]
+            assert paths(cells[key][0])[-1]["address"].split(":")[0] == lab.public_addr(b_host)
