@@ -12,7 +12,7 @@ prints ``{"event": "ready", "id": ...}`` once registered, then answers commands 
 - ``expect N TIMEOUT``: wait until N messages arrived (from anyone), then
   ``{"event": "received", "n": ..., "in_order": ..., "via": {"relay": ..., "punched": ...}}``; ``reset``
   forgets them
-- ``path``: ``{"event": "path", ...}`` for the peer now
+- ``path``: ``{"event": "now", "kind": ..., "address": ..., "rtt": ...}`` for the peer now
 - ``quit``
 """
 
@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import threading
 import time
 
 import zbus
+import zbus.errors
 
 WATCH_EVERY_S = 0.01
 
@@ -94,7 +96,17 @@ def send(client: zbus.Client, peer: str, n: int, rate: float) -> None:
     watcher.start()
     try:
         for i in range(1, n + 1):
-            client.send(peer, b"%d" % i, timeout=10.0)
+            for attempt in range(100):  # bounded: a transient Unreachable is retried for up to ~10 s
+                try:
+                    client.send(peer, b"%d" % i, timeout=10.0)
+                    break
+                except (zbus.errors.Unreachable, zbus.errors.Disconnected) as exc:
+                    emit("unreachable", n=i, error=str(exc), known=len(client.peers()))
+                    client.wait_connected(timeout=0.1)
+                    try:
+                        client.wait_peer(peer, timeout=0.1)
+                    except zbus.errors.Unreachable:
+                        pass
             if rate and i % 50 == 0:  # pace in batches: RATE per second on average
                 ahead = start + i / rate - time.monotonic()
                 if ahead > 0:
@@ -112,6 +124,7 @@ def main() -> None:
     parser.add_argument("--max-links", type=int, default=64)
     parser.add_argument("--limit-s", type=float, default=170.0, help="bound on the whole run")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")  # stderr: the test's log
     deadline = time.monotonic() + args.limit_s
     with zbus.Client(servers=[args.server], name=args.name, max_links=args.max_links,
                      listen="tcp://0.0.0.0:0", connect_timeout=20.0) as client:
@@ -135,7 +148,7 @@ def main() -> None:
                 elif words[0] == "reset":
                     receiver.reset()
                 elif words[0] == "path":
-                    emit("path", t=0.0, **path_of(client, peer))
+                    emit("now", **path_of(client, peer))
                 elif words[0] == "quit":
                     break
         finally:
