@@ -8,6 +8,7 @@ path upgrades (direct, punched or none); ``peers()`` on A shows what it got.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -65,7 +66,8 @@ def stream(a, b, n: int = STREAM, rate: int = RATE, timeout: float = 60.0) -> di
     b.wait_line(lambda line: len([e for e in b.events() if e["event"] == "received"]) > before,
                 timeout + 5.0, what="B's report")
     report = [e for e in b.events() if e["event"] == "received"][-1]
-    assert report["n"] == n and report["in_order"], report
+    assert report["n"] == n and report["in_order"], (json.dumps(report), paths(a), a.stderr_text()[-2000:],
+                                                     b.stderr_text()[-2000:])
     return report
 
 
@@ -192,14 +194,15 @@ def ask_path(a) -> dict:
     return [e for e in a.events() if e["event"] == "now"][-1]
 
 
-def wait_path(a, kind: str, timeout: float) -> dict:
+def wait_path(a, kind: str, timeout: float, b=None) -> dict:
     """Ask A for its path to B until it is ``kind`` (bounded)."""
     deadline = time.monotonic() + timeout
     while True:
         now = ask_path(a)
         if now["kind"] == kind:
             return now
-        assert time.monotonic() < deadline, f"A's path is still {now} after {timeout} s: {a.stderr_text()[-2000:]}"
+        assert time.monotonic() < deadline, (f"A's path is still {now} after {timeout} s: {a.stderr_text()[-2000:]}"
+                                             f"\nB: {b.stderr_text()[-2000:] if b else ''}")
         time.sleep(0.2)  # pacing the question
 
 
@@ -251,7 +254,7 @@ def test_cone_cone_punches_with_20_percent_loss(natlab):
     when = first_time(a, "punched")
     print(f"\n20% loss: paths {[(p['kind'], p['t']) for p in paths(a)]}, received via {report['via']}")
     if when is None:  # not within the 10 s stream: it must come later (bounded)
-        wait_path(a, "punched", 30.0)
+        wait_path(a, "punched", 30.0, b)
         report = stream(a, b, n=1000, rate=0, timeout=60.0)
     assert report["via"].get("punched", 0) > 0, report
 
