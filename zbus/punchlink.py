@@ -47,7 +47,7 @@ BRIDGE_PING_S = 1.0  # the bridge says something on an idle pipe this often
 BRIDGE_DEAD_S = 5.0  # ... and closes a pipe that said nothing for this long
 REGISTER_RETRY_S = 2.0
 HIGH_WATER = 8 << 20  # stop reading one side while the other side's buffer is above this
-CHUNK = 256 << 10
+CHUNK = 1 << 20
 
 # Pipe frames: stream id (u32), op (u8), payload length (u32), payload.
 _HEAD = struct.Struct(">IBI")
@@ -202,27 +202,26 @@ class Bridge:
                 wlist += [self.streams[s] for s, b in self.outbuf.items() if b and s in self.streams]
                 readable, writable, _ = select.select(rlist, wlist, [], BRIDGE_PING_S / 2)
                 if self.pipe in writable:
-                    n = self.pipe.send(self.pipe_out[:CHUNK * 4])
-                    del self.pipe_out[:n]
+                    _send_some(self.pipe, self.pipe_out)
                     sent = time.monotonic()
                 for sid, sock in list(self.streams.items()):
                     if sock in writable and self.outbuf.get(sid):
                         try:
-                            n = sock.send(self.outbuf[sid][:CHUNK * 4])
-                            del self.outbuf[sid][:n]
+                            _send_some(sock, self.outbuf[sid])
                         except OSError:
                             self._drop_stream(sid, tell=True)
                 for sock in readable:
                     if sock is self._wake_r:
                         sock.recv(64)
                     elif sock is self.pipe:
-                        data = self.pipe.recv(CHUNK * 4)
+                        data = self.pipe.recv(CHUNK)
                         if not data:
                             log.info("punched pipe to %s closed by the peer", self.peer)
                             return
                         heard = time.monotonic()
                         self.pipe_in += data
                         self._parse()
+                        self._flush_streams()
                     elif sock in self.listeners.values():
                         self._accept(sock)
                     else:
@@ -261,6 +260,10 @@ class Bridge:
             data = b""
         if data:
             self._frame(sid, DATA, data)
+            try:  # straight on (saves a select round); what does not fit waits for writability
+                _send_some(self.pipe, self.pipe_out)
+            except (BlockingIOError, InterruptedError):
+                pass
         else:
             self._drop_stream(sid, tell=True)
 
@@ -280,17 +283,27 @@ class Bridge:
             end = offset + _HEAD.size + size
             if len(buf) < end:
                 break
-            payload = bytes(buf[offset + _HEAD.size:end])
-            offset = end
+            start, offset = offset + _HEAD.size, end
             if op == DATA:
                 out = self.outbuf.get(sid)
                 if out is not None:
-                    out += payload
+                    with memoryview(buf) as view:
+                        out += view[start:end]
             elif op == OPEN:
-                self._open_local(sid, payload)
+                self._open_local(sid, bytes(buf[start:end]))
             elif op == CLOSE:
                 self._drop_stream(sid, tell=False)
         del buf[:offset]
+
+    def _flush_streams(self) -> None:
+        for sid, out in list(self.outbuf.items()):
+            if out:
+                try:
+                    _send_some(self.streams[sid], out)
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    self._drop_stream(sid, tell=True)
 
     def _open_local(self, sid: int, kind: bytes) -> None:
         target = self.targets.get(kind)
@@ -308,6 +321,13 @@ class Bridge:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.streams[sid] = sock
         self.outbuf[sid] = bytearray()
+
+
+def _send_some(sock: socket.socket, buf: bytearray) -> None:
+    """Send what the socket takes from the front of ``buf`` (no copy of the rest)."""
+    with memoryview(buf) as view:
+        n = sock.send(view[:CHUNK * 4])
+    del buf[:n]
 
 
 def _target(endpoint: str) -> tuple[str, int]:

@@ -13,6 +13,8 @@ prints ``{"event": "ready", "id": ...}`` once registered, then answers commands 
   ``{"event": "received", "n": ..., "in_order": ..., "via": {"relay": ..., "punched": ...}}``; ``reset``
   forgets them
 - ``path``: ``{"event": "now", "kind": ..., "address": ..., "rtt": ...}`` for the peer now
+- ``blast N SIZE``: N messages of SIZE bytes, as fast as possible, the last acknowledged;
+  ``{"event": "blasted", "mib_s": ..., "kind": ...}`` (the receiver counts them as ``expect`` does)
 - ``quit``
 """
 
@@ -50,6 +52,10 @@ class Receiver:
             try:
                 message = self.client.recv(timeout=0.2)
             except TimeoutError:
+                continue
+            if message.data[:1] == b"x":  # a blast: only counted
+                with self.lock:
+                    self.via[message.via] = self.via.get(message.via, 0) + 1
                 continue
             with self.lock:
                 self.numbers.append(int(message.data))
@@ -117,6 +123,18 @@ def send(client: zbus.Client, peer: str, n: int, rate: float) -> None:
     emit("sent", n=n, seconds=round(time.monotonic() - start, 3))
 
 
+def blast(client: zbus.Client, peer: str, n: int, size: int) -> None:
+    """n messages of ``size`` bytes as fast as possible, the last one acknowledged: throughput."""
+    payload = b"x" * size
+    start = time.monotonic()
+    for _ in range(n - 1):
+        client.send(peer, payload, timeout=30.0)
+    client.send(peer, payload, ack=True, timeout=60.0)
+    seconds = time.monotonic() - start
+    emit("blasted", n=n, size=size, seconds=round(seconds, 3), mib_s=round(n * size / seconds / 2**20, 1),
+         **path_of(client, peer))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--server", required=True)
@@ -143,6 +161,8 @@ def main() -> None:
                     emit("peer", id=peer)
                 elif words[0] == "send":
                     send(client, peer, int(words[1]), float(words[2]))
+                elif words[0] == "blast":
+                    blast(client, peer, int(words[1]), int(words[2]))
                 elif words[0] == "expect":
                     receiver.expect(int(words[1]), float(words[2]))
                 elif words[0] == "reset":

@@ -283,3 +283,49 @@ def test_punched_link_survives_30_s_idle(natlab):
         time.sleep(1.0)  # pacing the observation (the idle time is the test), not synchronisation
     report = stream(a, b, n=1000, rate=0)
     assert report["via"] == {"punched": 1000}, report
+
+
+BENCH_SIZE = 64 * 1024
+BENCH_N = 512  # 32 MiB per run
+BENCH_RUNS = 3
+
+
+@pytest.mark.slow
+def test_punched_link_throughput_against_a_direct_link(natlab):
+    """64 KiB messages, A (behind a cone NAT) to C (public: a direct link through A's NAT) and to B
+    (behind another cone NAT: a punched link); runs interleaved, medians compared. Target >= 0.5x."""
+    lab = natlab
+    lab.add_public_host("s1")
+    lab.add_public_host("c")
+    lab.add_router("ra", nat="cone")
+    lab.add_router("rb", nat="cone")
+    lab.add_host("a", router="ra")
+    lab.add_host("a2", router="ra")
+    lab.add_host("b", router="rb")
+    lab.build()
+    start_server(lab)
+    b = worker(lab, "b", "b-bench")
+    c = worker(lab, "c", "c-bench")
+    to_b = worker(lab, "a", "a-bench")
+    to_c = worker(lab, "a2", "a2-bench")
+    to_b.send_line("peer b-bench")
+    to_c.send_line("peer c-bench")
+    for proc, kind in ((to_b, "punched"), (to_c, "direct")):
+        proc.wait_event("peer", timeout=30.0)
+        proc.send_line("send 100 0")
+        proc.wait_event("sent", timeout=30.0)
+        wait_path(proc, kind, 20.0)
+    results: dict[str, list[float]] = {"punched": [], "direct": []}
+    for run in range(BENCH_RUNS):
+        for proc, kind in ((to_c, "direct"), (to_b, "punched")):
+            before = len([e for e in proc.events() if e["event"] == "blasted"])
+            proc.send_line(f"blast {BENCH_N} {BENCH_SIZE}")
+            proc.wait_line(lambda line: len([e for e in proc.events() if e["event"] == "blasted"]) > before,
+                           60.0, what="the blast")
+            got = [e for e in proc.events() if e["event"] == "blasted"][-1]
+            assert got["kind"] == kind, got
+            results[kind].append(got["mib_s"])
+    punched, direct = sorted(results["punched"])[1], sorted(results["direct"])[1]
+    print(f"\n64 KiB over zbus links in the lab: direct {results['direct']} MiB/s, punched {results['punched']} "
+          f"MiB/s; medians {direct} / {punched} = {punched / direct:.2f}x")
+    assert punched >= 0.5 * direct, results
