@@ -98,7 +98,7 @@ class Engine:
         self._punch_events: collections.deque[tuple] = collections.deque()
         self._punch_wake_r, self._punch_wake_w = socket.socketpair()
         self._punch_wake_r.setblocking(False)
-        self._bridges: dict[str, punchlink.Bridge] = {}  # peer -> the bridge our LinkCore knows
+        self._bridges: dict[str, punchlink.ProcessBridge] = {}  # peer -> the bridge our LinkCore knows
         self.acked: dict[str, int] = {}  # destination -> highest Ack heard (written by any thread)
         self.ack_changed = threading.Condition()  # notified when ``acked`` moves
         self.wanted: list[str] = []  # destinations the user sent to by relay (appended by user threads)

@@ -30,12 +30,12 @@ import errno
 import logging
 import select
 import socket
-import struct
 import threading
 import time
 from typing import Callable
 
 from . import wire
+from .punchbridge import TARGET_CTL, TARGET_DATA, ProcessBridge, big_buffers
 from .punch_udp import PunchFailed, open_punch_socket, register, renewer, run_punch, wait_go
 
 log = logging.getLogger("zbus.punchlink")
@@ -43,23 +43,7 @@ log = logging.getLogger("zbus.punchlink")
 PIPE_OPEN_S = 3.0  # how long both sides try to make the TCP pipe after punching
 CONNECT_TRY_S = 1.5  # one connect() attempt (covers one SYN retransmission at 1 s)
 PUNCH_TIMEOUT_S = 3.0  # waiting for the rendezvous answer (PunchGo)
-BRIDGE_PING_S = 1.0  # the bridge says something on an idle pipe this often
-BRIDGE_DEAD_S = 5.0  # ... and closes a pipe that said nothing for this long
 REGISTER_RETRY_S = 2.0
-SOCKET_BUFFER = 4 << 20
-HIGH_WATER = 8 << 20  # stop reading one side while the other side's buffer is above this
-CHUNK = 1 << 20
-
-# Pipe frames: stream id (u32), op (u8), payload length (u32), payload.
-_HEAD = struct.Struct(">IBI")
-OPEN, DATA, CLOSE, PING = 0, 1, 2, 3
-TARGET_CTL, TARGET_DATA = b"c", b"d"
-
-
-def _big_buffers(sock: socket.socket) -> None:
-    """Large kernel buffers: the bridge thread moves more per call, so it needs the GIL less often."""
-    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
 
 
 def _reuse(sock: socket.socket) -> None:
@@ -88,7 +72,7 @@ def open_pipe(local_port: int, peer: tuple[str, int], session: bytes, timeout: f
             raise TimeoutError(f"no TCP pipe with {peer[0]}:{peer[1]} within {timeout:g} s")
         conn.setblocking(False)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _big_buffers(conn)
+        big_buffers(conn)
         return conn
     finally:
         listener.close()
@@ -140,206 +124,6 @@ def _same_session(conn: socket.socket, session: bytes, deadline: float) -> bool:
         return False
 
 
-class Bridge:
-    """ZMQ <-> pipe: local TCP connections to ``ctl_endpoint``/``data_endpoint`` become streams on
-    the pipe; streams the peer opens become connections to our own link ROUTERs (``targets``)."""
-
-    def __init__(self, peer: str, pipe: socket.socket, targets: dict[bytes, tuple[str, int]],
-                 odd: bool, on_close: Callable[["Bridge"], None]) -> None:
-        self.peer = peer
-        self.pipe = pipe
-        self.targets = targets
-        self.on_close = on_close
-        self.listeners: dict[bytes, socket.socket] = {}
-        for kind in (TARGET_CTL, TARGET_DATA):
-            lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            lsock.bind(("127.0.0.1", 0))
-            lsock.listen(8)
-            lsock.setblocking(False)
-            self.listeners[kind] = lsock
-        self.ctl_endpoint = "tcp://127.0.0.1:%d" % self.listeners[TARGET_CTL].getsockname()[1]
-        self.data_endpoint = "tcp://127.0.0.1:%d" % self.listeners[TARGET_DATA].getsockname()[1]
-        self._next_id = 1 if odd else 2
-        self.streams: dict[int, socket.socket] = {}
-        self.outbuf: dict[int, bytearray] = {}
-        self.pipe_out = bytearray()
-        self.pipe_in = bytearray()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._stop = False
-        self.closed = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"zbus-bridge-{peer[:10]}", daemon=True)
-
-    def start(self) -> "Bridge":
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        """Stop the bridge (from any thread); every stream and the pipe are closed."""
-        self._stop = True
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
-
-    def join(self, timeout: float = 2.0) -> None:
-        self._thread.join(timeout)
-
-    # -- the thread -----------------------------------------------------------------------------
-    def _frame(self, sid: int, op: int, payload: bytes = b"") -> None:
-        self.pipe_out += _HEAD.pack(sid, op, len(payload))
-        self.pipe_out += payload
-
-    def _run(self) -> None:
-        heard = sent = time.monotonic()
-        try:
-            while not self._stop:
-                now = time.monotonic()
-                if now - heard > BRIDGE_DEAD_S:
-                    log.info("punched pipe to %s: silent for %.0f s, closing", self.peer, BRIDGE_DEAD_S)
-                    return
-                if now - sent > BRIDGE_PING_S and not self.pipe_out:
-                    self._frame(0, PING)
-                pipe_full = len(self.pipe_out) > HIGH_WATER
-                streams_full = any(len(b) > HIGH_WATER for b in self.outbuf.values())
-                rlist = [self._wake_r]
-                if not streams_full:
-                    rlist.append(self.pipe)
-                if not pipe_full:
-                    rlist += list(self.listeners.values()) + list(self.streams.values())
-                wlist = [self.pipe] if self.pipe_out else []
-                wlist += [self.streams[s] for s, b in self.outbuf.items() if b and s in self.streams]
-                readable, writable, _ = select.select(rlist, wlist, [], BRIDGE_PING_S / 2)
-                if self.pipe in writable:
-                    _send_some(self.pipe, self.pipe_out)
-                    sent = time.monotonic()
-                for sid, sock in list(self.streams.items()):
-                    if sock in writable and self.outbuf.get(sid):
-                        try:
-                            _send_some(sock, self.outbuf[sid])
-                        except OSError:
-                            self._drop_stream(sid, tell=True)
-                for sock in readable:
-                    if sock is self._wake_r:
-                        sock.recv(64)
-                    elif sock is self.pipe:
-                        data = self.pipe.recv(CHUNK)
-                        if not data:
-                            log.info("punched pipe to %s closed by the peer", self.peer)
-                            return
-                        heard = time.monotonic()
-                        self.pipe_in += data
-                        self._parse()
-                        self._flush_streams()
-                    elif sock in self.listeners.values():
-                        self._accept(sock)
-                    else:
-                        self._read_stream(sock)
-        except OSError as exc:
-            log.info("punched pipe to %s failed: %s", self.peer, exc)
-        finally:
-            for sock in [*self.streams.values(), *self.listeners.values(), self.pipe, self._wake_r, self._wake_w]:
-                sock.close()
-            self.streams.clear()
-            self.closed.set()
-            self.on_close(self)
-
-    def _accept(self, lsock: socket.socket) -> None:
-        try:
-            conn, _ = lsock.accept()
-        except OSError:
-            return
-        conn.setblocking(False)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _big_buffers(conn)
-        sid, self._next_id = self._next_id, self._next_id + 2
-        self.streams[sid] = conn
-        self.outbuf[sid] = bytearray()
-        kind = next(k for k, s in self.listeners.items() if s is lsock)
-        self._frame(sid, OPEN, kind)
-
-    def _read_stream(self, sock: socket.socket) -> None:
-        sid = next((s for s, c in self.streams.items() if c is sock), None)
-        if sid is None:
-            return
-        try:
-            data = sock.recv(CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if data:
-            self._frame(sid, DATA, data)
-            try:  # straight on (saves a select round); what does not fit waits for writability
-                _send_some(self.pipe, self.pipe_out)
-            except (BlockingIOError, InterruptedError):
-                pass
-        else:
-            self._drop_stream(sid, tell=True)
-
-    def _drop_stream(self, sid: int, tell: bool) -> None:
-        sock = self.streams.pop(sid, None)
-        self.outbuf.pop(sid, None)
-        if sock is not None:
-            sock.close()
-            if tell:
-                self._frame(sid, CLOSE)
-
-    def _parse(self) -> None:
-        buf = self.pipe_in
-        offset = 0
-        while len(buf) - offset >= _HEAD.size:
-            sid, op, size = _HEAD.unpack_from(buf, offset)
-            end = offset + _HEAD.size + size
-            if len(buf) < end:
-                break
-            start, offset = offset + _HEAD.size, end
-            if op == DATA:
-                out = self.outbuf.get(sid)
-                if out is not None:
-                    with memoryview(buf) as view:
-                        out += view[start:end]
-            elif op == OPEN:
-                self._open_local(sid, bytes(buf[start:end]))
-            elif op == CLOSE:
-                self._drop_stream(sid, tell=False)
-        del buf[:offset]
-
-    def _flush_streams(self) -> None:
-        for sid, out in list(self.outbuf.items()):
-            if out:
-                try:
-                    _send_some(self.streams[sid], out)
-                except (BlockingIOError, InterruptedError):
-                    pass
-                except OSError:
-                    self._drop_stream(sid, tell=True)
-
-    def _open_local(self, sid: int, kind: bytes) -> None:
-        target = self.targets.get(kind)
-        if target is None or sid in self.streams:
-            self._frame(sid, CLOSE)
-            return
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.connect(target)  # loopback: immediate
-        except OSError:
-            sock.close()
-            self._frame(sid, CLOSE)
-            return
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _big_buffers(sock)
-        self.streams[sid] = sock
-        self.outbuf[sid] = bytearray()
-
-
-def _send_some(sock: socket.socket, buf: bytearray) -> None:
-    """Send what the socket takes from the front of ``buf`` (no copy of the rest)."""
-    with memoryview(buf) as view:
-        n = sock.send(view[:CHUNK * 4])
-    del buf[:n]
-
-
 def _target(endpoint: str) -> tuple[str, int]:
     """A ZMQ tcp endpoint of ours, as an address to connect to on this host."""
     host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
@@ -366,7 +150,7 @@ class PunchService:
         self.sock = open_punch_socket()
         self.public: tuple[str, int] | None = None
         self.requests: collections.deque[str] = collections.deque()
-        self.bridges: dict[str, Bridge] = {}
+        self.bridges: dict[str, ProcessBridge] = {}
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._stop = False
@@ -455,7 +239,13 @@ class PunchService:
             if requester:  # (an invited side that fails has nothing to back off from)
                 self.post(("failed", peer, str(exc)))
             return
-        bridge = Bridge(peer, pipe, self.targets, go.controlling, self._bridge_closed)
+        try:
+            bridge = ProcessBridge(peer, pipe, self.targets, go.controlling, self._bridge_closed)
+        except OSError as exc:
+            log.warning("client %s: %s", self.client_id, exc)
+            if requester:
+                self.post(("failed", peer, str(exc)))
+            return
         with self._lock:
             old = self.bridges.get(peer)
             self.bridges[peer] = bridge
@@ -467,7 +257,7 @@ class PunchService:
         self.post(("up", peer, bridge, address))
         bridge.start()
 
-    def _bridge_closed(self, bridge: Bridge) -> None:
+    def _bridge_closed(self, bridge: ProcessBridge) -> None:
         with self._lock:
             if self.bridges.get(bridge.peer) is bridge:
                 del self.bridges[bridge.peer]
@@ -483,5 +273,6 @@ def server_udp(endpoint: str) -> tuple[str, int]:
 def hard_from_public(public: list[str]) -> bool:
     """Endpoint-dependent mapping: servers saw our one UDP socket at different ports."""
     return len({p.rpartition(":")[2] for p in public}) > 1
+
 
 
