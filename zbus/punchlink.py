@@ -40,7 +40,7 @@ from .punch_udp import PunchFailed, open_punch_socket, register, renewer, run_pu
 
 log = logging.getLogger("zbus.punchlink")
 
-PIPE_OPEN_S = 3.0  # how long both sides try to make the TCP pipe after punching
+PIPE_OPEN_S = 5.0  # how long both sides try to make the TCP pipe after punching (starved threads are late)
 CONNECT_TRY_S = 1.5  # one connect() attempt (covers one SYN retransmission at 1 s)
 PUNCH_TIMEOUT_S = 3.0  # waiting for the rendezvous answer (PunchGo)
 REGISTER_RETRY_S = 2.0
