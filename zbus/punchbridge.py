@@ -15,6 +15,7 @@ direct link at 64 KiB on two shared cores; in its own process 0.51-0.53x (docs/p
 from __future__ import annotations
 
 import logging
+import os
 import select
 import socket
 import struct
@@ -292,7 +293,7 @@ class ProcessBridge:
         self.proc.wait()
 
 
-def _child(argv: list[str]) -> int:
+def _child(argv: list[str]) -> None:
     """``python -I -S punchbridge.py FD ODD PEER CTL_HOST:PORT DATA_HOST:PORT``: run one bridge."""
     fd, odd, peer, ctl, data = argv
     targets = {}
@@ -309,7 +310,8 @@ def _child(argv: list[str]) -> int:
 
     threading.Thread(target=stop_on_eof, daemon=True).start()
     bridge._run()
-    return 0
+    sys.stdout.flush()
+    os._exit(0)  # not sys.exit: the stdin reader thread is blocked in read(), which would abort shutdown
 
 
 def _send_some(sock: socket.socket, buf: bytearray) -> None:
@@ -320,4 +322,4 @@ def _send_some(sock: socket.socket, buf: bytearray) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1:]))
+    _child(sys.argv[1:])

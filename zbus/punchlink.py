@@ -154,6 +154,7 @@ class PunchService:
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._stop = False
+        self._next_register = 0.0
         self._thread = threading.Thread(target=self._run, name=f"zbus-punch-{client_id[:10]}", daemon=True)
 
     def start(self) -> "PunchService":
@@ -192,17 +193,17 @@ class PunchService:
 
     # -- the thread -----------------------------------------------------------------------------
     def _run(self) -> None:
-        next_register = 0.0
         while not self._stop:
             now = time.monotonic()
-            if now >= next_register:
+            if now >= self._next_register:
                 try:
                     self.public = register(self.sock, self.server, self.client_id, self.hard(), timeout=2.0)
-                    next_register = time.monotonic() + 20.0
+                    self._next_register = time.monotonic() + 20.0
                 except (TimeoutError, OSError) as exc:
                     log.debug("punch registration at %s failed: %s", self.server, exc)
-                    next_register = time.monotonic() + REGISTER_RETRY_S
+                    self._next_register = time.monotonic() + REGISTER_RETRY_S
                 continue
+            next_register = self._next_register
             if self.requests:
                 self._punch(self.requests.popleft(), None)
                 continue
@@ -252,10 +253,19 @@ class PunchService:
         if old is not None:
             old.close()
         address = f"{path.peer_addr[0]}:{path.peer_addr[1]}"
+        self._rotate()
         log.info("client %s: punched pipe to %s at %s in %.3f s", self.client_id, peer, address,
                  time.monotonic() - start)
         self.post(("up", peer, bridge, address))
         bridge.start()
+
+    def _rotate(self) -> None:
+        """A fresh punch socket (new port) after each pipe: a later punch with the same peer from the
+        same port would reuse the old TCP 4-tuple, which the hosts (TIME_WAIT) and the routers'
+        conntrack (CLOSE, TIME_WAIT: up to 2 min) still hold, and the pipe could not be made."""
+        old, self.sock = self.sock, open_punch_socket()
+        old.close()
+        self._next_register = 0.0  # register the new socket now
 
     def _bridge_closed(self, bridge: ProcessBridge) -> None:
         with self._lock:
