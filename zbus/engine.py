@@ -334,8 +334,8 @@ class Engine:
             # (re)consider which links to keep: on any change, and each second for retries
             self._planned_for, self._next_plan = self.routes, now + 1.0
             actions += links.plan(self.routes.clients, now, self.core.net)
-            if self._punch is None and links.can_punch and _behind_nat(self.core.net):
-                self._start_punch()  # so that peers can invite us
+        if self._punch is None and links.can_punch and _behind_nat(self.core.net):
+            self._start_punch()  # as soon as we know we are behind a NAT: so that peers can invite us
         self._apply_links(poller, actions)
 
     def _apply_links(self, poller: zmq.Poller, actions: list) -> None:
