@@ -98,6 +98,7 @@ class Engine:
         self._punch_events: collections.deque[tuple] = collections.deque()
         self._punch_wake_r, self._punch_wake_w = socket.socketpair()
         self._punch_wake_r.setblocking(False)
+        self._punch_wake_w.setblocking(False)  # (a full pair already holds a wake-up)
         self._bridges: dict[str, punchlink.ProcessBridge] = {}  # peer -> the bridge our LinkCore knows
         self.acked: dict[str, int] = {}  # destination -> highest Ack heard (written by any thread)
         self.ack_changed = threading.Condition()  # notified when ``acked`` moves
@@ -151,6 +152,8 @@ class Engine:
         else:
             self._ctl.close(linger=0)
             self._link_router.close(linger=0)
+            self._punch_wake_r.close()
+            self._punch_wake_w.close()
 
     def close_link_data(self) -> None:
         """After stop(), with the user's locks held: close the user-side link sockets."""
