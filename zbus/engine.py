@@ -366,7 +366,7 @@ class Engine:
                 out.setsockopt(zmq.SNDTIMEO, SEND_SLICE_MS)
                 out.connect(action.endpoint)
                 self.link_out = {**self.link_out, action.peer: out}
-                log.info("client %s: direct link to %s up (%s)", self.client_id, action.peer, action.endpoint)
+                log.info("client %s: link to %s up (%s)", self.client_id, action.peer, action.endpoint)
             elif action.__class__ is PunchWanted:
                 self._start_punch().request(action.peer)
             elif action.__class__ is Close:
