@@ -349,18 +349,19 @@ class DataPlane:
                 continue
             else:
                 payload = frame[8:]
-            src = engine.tokens.get(token)
-            if src is None:  # not (or no longer) an authenticated link
+            entry = engine.tokens.get(token)
+            if entry is None:  # not (or no longer) an authenticated link
                 recv_frames_rest(sock)
                 self._drop(DropReason.UNREGISTERED)
                 continue
+            src, via = entry  # via: "direct" | "punched"
             seq = _LINK_SEQ_UNPACK(frame)[0]
             stream = self._receiver.streams.get(src)
             if stream is not None and seq == stream.expected and not stream.early \
                     and len(payload) <= self._max_frame:
                 stream.expected = seq + 1  # Receiver.accept's in-order case, inlined (the hot path)
-                return _new(_Message, (src, payload, "direct"))  # = Message(...), without its Python __new__
-            message = self._accept(src, seq or CONTROL_SEQ, payload, "direct")
+                return _new(_Message, (src, payload, via))  # = Message(...), without its Python __new__
+            message = self._accept(src, seq or CONTROL_SEQ, payload, via)
             if message is not None:
                 return message
 

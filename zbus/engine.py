@@ -16,6 +16,7 @@ after the Routes that named it were replaced.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import random
@@ -29,12 +30,12 @@ from typing import Any, Callable, Iterator, NamedTuple
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from . import netinfo, sockets, wire
+from . import netinfo, punchlink, sockets, wire
 from .sockets import recv_frames
 from .client_core import ClientCore
 from .config import ClientConfig
 from .errors import ConfigError
-from .links import Close, Dial, LinkCore, OpenData, Reply, SendLink
+from .links import Close, Dial, LinkCore, OpenData, PunchWanted, Reply, SendLink
 from .routing import Routes
 from .security import claim_refusal, load_security, peer_id
 from .wire import DropReason
@@ -50,6 +51,11 @@ _MONITOR_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 # Security on: a server that refuses our key (AUTH), or whose key is not the one we trust for it.
 _HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | \
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+
+
+def _behind_nat(net: wire.NetState) -> bool:
+    """A server saw us at an address we do not have."""
+    return bool(net.public) and not ({p.rpartition(":")[0] for p in net.public} & set(net.private))
 
 
 class DataSockets(NamedTuple):
@@ -96,8 +102,17 @@ class Engine:
             self._open_data(ep, config.server_ids.get(ep)) for ep in config.servers)
         data_port = int(self.link_in.getsockopt_string(zmq.LAST_ENDPOINT).rpartition(":")[2])
         self.links = LinkCore(client_id, random.Random(), config.max_links, data_port)
+        self.links.can_punch = bool(config.servers)
         self.link_out: dict[str, zmq.Socket] = {}  # peer -> data DEALER (replaced, never mutated)
-        self.tokens: dict[bytes, str] = {}  # data token on link_in -> peer Id (replaced, never mutated)
+        self.tokens: dict[bytes, tuple[str, str]] = {}  # data token on link_in -> (peer Id, via) (replaced)
+        # Punched links (zbus.punchlink): the punch service thread, started when we are behind a NAT
+        # (to be invited) or want a punch; its events arrive in a deque, with a byte on a socket pair.
+        self._punch: punchlink.PunchService | None = None
+        self._punch_events: collections.deque[tuple] = collections.deque()
+        self._punch_wake_r, self._punch_wake_w = socket.socketpair()
+        self._punch_wake_r.setblocking(False)
+        self._punch_wake_w.setblocking(False)  # (a full pair already holds a wake-up)
+        self._bridges: dict[str, punchlink.ProcessBridge] = {}  # peer -> the bridge our LinkCore knows
         self.acked: dict[str, int] = {}  # destination -> highest Ack heard (written by any thread)
         self.ack_changed = threading.Condition()  # notified when ``acked`` moves
         self.wanted: list[str] = []  # destinations the user sent to by relay (appended by user threads)
@@ -162,6 +177,8 @@ class Engine:
         else:
             self._ctl.close(linger=0)
             self._link_router.close(linger=0)
+            self._punch_wake_r.close()
+            self._punch_wake_w.close()
 
     def close_link_data(self) -> None:
         """After stop(), with the user's locks held: close the user-side link sockets."""
@@ -244,6 +261,10 @@ class Engine:
             if self.security is not None:
                 self.security.release(sockets.context(), self._link_domain)
             self._link_ctl.clear()
+            if self._punch is not None:
+                self._punch.stop()
+            self._punch_wake_r.close()
+            self._punch_wake_w.close()
             with self.changed:
                 self.routes = Routes(endpoints=self.routes.endpoints)
                 self.changed.notify_all()
@@ -275,7 +296,7 @@ class Engine:
 
     def _loop(self, dealers: list[zmq.Socket], monitors: list[zmq.Socket]) -> None:
         poller = zmq.Poller()
-        for sock in (self._ctl, *dealers, *monitors, self._link_router):
+        for sock in (self._ctl, *dealers, *monitors, self._link_router, self._punch_wake_r):
             poller.register(sock, zmq.POLLIN)
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # one socket: see netcheck.py
         udp.bind(("0.0.0.0", 0))
@@ -313,6 +334,8 @@ class Engine:
                     self._drain_server(dealers, index, now)
             if udp.fileno() in events or udp in events:
                 self._on_udp(udp, dealers, now)
+            if self._punch_wake_r.fileno() in events or self._punch_wake_r in events:
+                self._on_punch_events(now)
             self._connect_learnt(poller, dealers, monitors)
             for index, header in core.tick(now):
                 self._send_control(dealers[index], header)
@@ -345,7 +368,9 @@ class Engine:
         if actions or self.routes is not self._planned_for or now >= self._next_plan:
             # (re)consider which links to keep: on any change, and each second for retries
             self._planned_for, self._next_plan = self.routes, now + 1.0
-            actions += links.plan(self.routes.clients, now)
+            actions += links.plan(self.routes.clients, now, self.core.net)
+        if self._punch is None and links.can_punch and _behind_nat(self.core.net):
+            self._start_punch()  # as soon as we know we are behind a NAT: so that peers can invite us
         self._apply_links(poller, actions)
 
     def _apply_links(self, poller: zmq.Poller, actions: list) -> None:
@@ -375,8 +400,14 @@ class Engine:
                 if self._secure(out, action.peer, action.endpoint):
                     out.connect(action.endpoint)
                 self.link_out = {**self.link_out, action.peer: out}
-                log.info("client %s: direct link to %s up (%s)", self.client_id, action.peer, action.endpoint)
+                log.info("client %s: link to %s up (%s)", self.client_id, action.peer, action.endpoint)
+            elif action.__class__ is PunchWanted:
+                self._start_punch().request(action.peer)
             elif action.__class__ is Close:
+                if action.pipe:
+                    bridge = self._bridges.pop(action.peer, None)
+                    if bridge is not None:
+                        bridge.close()
                 dealer = self._link_ctl.pop(action.peer, None)
                 if dealer is not None:
                     if action.bye is not None:
@@ -387,6 +418,50 @@ class Engine:
                 if out is not None:
                     self.link_out = {p: s for p, s in self.link_out.items() if p != action.peer}
                     self._graveyard.append(out)
+
+    # -- punched links ----------------------------------------------------------------------------
+    def _start_punch(self) -> punchlink.PunchService:
+        if self._punch is None:
+            data_endpoint = self.link_in.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._punch = punchlink.PunchService(
+                self.client_id, punchlink.server_udp(self.config.servers[0]), self.listen_endpoint,
+                data_endpoint, lambda: punchlink.hard_from_public(self.core.net.public),
+                self._post_punch_event).start()
+        return self._punch
+
+    def _post_punch_event(self, event: tuple) -> None:
+        """Punch service / bridge threads: hand an event to the engine thread and wake it."""
+        self._punch_events.append(event)
+        try:
+            self._punch_wake_w.send(b"x")
+        except OSError:
+            pass  # the engine is gone
+
+    def _on_punch_events(self, now: float) -> None:
+        try:
+            while self._punch_wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        links = self.links
+        while self._punch_events:
+            event = self._punch_events.popleft()
+            kind, peer = event[0], event[1]
+            if kind == "up":
+                bridge = event[2]
+                old = self._bridges.get(peer)
+                self._bridges[peer] = bridge
+                self._pending_link_actions += links.pipe_up(peer, bridge.ctl_endpoint, bridge.data_endpoint,
+                                                            event[3], now)
+                if old is not None and old is not bridge:
+                    old.close()
+            elif kind == "down":
+                if self._bridges.get(peer) is event[2]:
+                    del self._bridges[peer]
+                    self._pending_link_actions += links.pipe_down(peer, now)
+            elif kind == "failed":
+                links.punch_failed(peer, now)
+        self._next_plan = now
 
     def _messages(self, sock: zmq.Socket, frame_count: int) -> Iterator[tuple[list[zmq.Frame], Any]]:
         """Up to BATCH waiting messages of ``frame_count`` frames (the last one a header), decoded;

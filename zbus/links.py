@@ -16,6 +16,11 @@ listener forgets a link that sent nothing for :data:`LINK_TIMEOUT` + 1 s, or at 
 Links are opened to peers this client sends to, in the order it first sent to them, up to
 ``max_links`` (0: relay only); a peer that leaves every server's list loses its link.
 
+Punched links (:mod:`zbus.punchlink`) are the same links dialed through a loopback bridge: when a
+peer is behind a NAT other than ours (:func:`needs_punch`), the core asks for a punch
+(:class:`PunchWanted`) instead of dialing its unreachable private addresses; once the engine reports
+a pipe (:meth:`LinkCore.pipe_up`) the peer is dialed at the bridge, with kind "punched".
+
 The core returns actions for the engine (:class:`Dial`, :class:`OpenData`, :class:`Close`,
 :class:`SendLink`, :class:`Reply`); it never touches a socket or a clock.
 """
@@ -53,6 +58,11 @@ class OpenData(NamedTuple):
 class Close(NamedTuple):
     peer: str
     bye: bytes | None  # say LinkBye first (on a link that was up)
+    pipe: bool = False  # a punched link: close its bridge too
+
+
+class PunchWanted(NamedTuple):
+    peer: str  # ask the punch service for a pipe to this peer
 
 
 class SendLink(NamedTuple):
@@ -65,7 +75,8 @@ class Reply(NamedTuple):
     header: bytes
 
 
-Action = Union[Dial, OpenData, Close, SendLink, Reply]
+Action = Union[Dial, OpenData, Close, SendLink, Reply, PunchWanted]
+PUNCH_STALE = 30.0  # a punch request without an answer for this long is forgotten (asked again)
 
 
 def link_addresses(net: wire.NetState) -> list[str]:
@@ -77,6 +88,22 @@ def link_addresses(net: wire.NetState) -> list[str]:
     if host in _WILDCARD_HOSTS:
         return [f"tcp://{ip}:{port}" for ip in net.private]
     return [net.listen]
+
+
+def _ips(endpoints: Iterable[str]) -> set[str]:
+    return {e.rpartition(":")[0] for e in endpoints}
+
+
+def needs_punch(own: wire.NetState | None, peer: wire.NetState) -> bool:
+    """True when ``peer`` is behind a NAT (servers see it at an address it does not have) that is
+    not ours (a different public address): its listen addresses cannot be reached, punch instead.
+    Unknown public endpoints (no reflector answer yet): False, dial directly as before."""
+    if own is None or not own.public or not peer.public:
+        return False
+    peer_public = _ips(peer.public)
+    if peer_public & set(peer.private):
+        return False  # the peer has its public address: no NAT in front of it
+    return not (_ips(own.public) & peer_public)  # same public address: same NAT, private addresses
 
 
 def _host_of(address: str) -> str:
@@ -94,6 +121,9 @@ class OutLink:
     deadline: float = 0.0  # handshake deadline while dialing; Pong deadline when up
     next_ping: float = 0.0
     rtt: float | None = None
+    kind: str = "direct"  # "direct" | "punched" (dialed at a loopback bridge)
+    shown: str = ""  # the address users see (a punched link: the peer's punched endpoint)
+    data_endpoint: str = ""  # where the data connection goes, when not the dialed host (punched)
 
     @property
     def address(self) -> str:
@@ -112,7 +142,7 @@ class LinkView:
     """One up link as user threads see it (published in the Routes snapshot)."""
 
     peer: str
-    kind: str  # "direct"
+    kind: str  # "direct" | "punched"
     address: str
     rtt: float | None
 
@@ -128,6 +158,10 @@ class LinkCore:
     wanted: list[str] = field(default_factory=list)  # peers we sent to, first first
     retry_at: dict[str, tuple[float, float]] = field(default_factory=dict)  # peer -> (when, backoff)
     changed: bool = False  # the set of up links (or their RTT) changed since the last take
+    can_punch: bool = False  # the engine runs a punch service
+    pipes: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # peer -> (ctl, data, shown)
+    punching: dict[str, float] = field(default_factory=dict)  # peer -> when we asked for a punch
+    punched_in: set[str] = field(default_factory=set)  # peers with a pipe (their links to us are punched)
 
     # -- decisions ----------------------------------------------------------------------------
     def want(self, peers: Iterable[str]) -> None:
@@ -139,8 +173,10 @@ class LinkCore:
     def set_max_links(self, max_links: int) -> None:
         self.max_links = max_links
 
-    def plan(self, clients: Mapping[str, wire.ClientInfo], now: float) -> list[Action]:
-        """Open links to wanted peers up to ``max_links``; close links to peers no longer listed."""
+    def plan(self, clients: Mapping[str, wire.ClientInfo], now: float,
+             own: wire.NetState | None = None) -> list[Action]:
+        """Open links to wanted peers up to ``max_links``; close links to peers no longer listed.
+        ``own``: our net state (to tell when a peer needs a punched link)."""
         actions: list[Action] = []
         target = [p for p in self.wanted if p in clients][: self.max_links]  # (a peer may come back)
         keep = set(target)
@@ -152,6 +188,16 @@ class LinkCore:
             when = self.retry_at.get(peer)
             if when is not None and now < when[0]:
                 continue  # (the engine calls plan at least once a second)
+            pipe = self.pipes.get(peer)
+            if pipe is not None:
+                actions += self._dial(OutLink(peer, [pipe[0]], kind="punched", shown=pipe[2],
+                                              data_endpoint=pipe[1]), now)
+                continue
+            if self.can_punch and needs_punch(own, clients[peer].net):
+                if now - self.punching.get(peer, -PUNCH_STALE) >= PUNCH_STALE:
+                    self.punching[peer] = now
+                    actions.append(PunchWanted(peer))
+                continue
             candidates = link_addresses(clients[peer].net)
             if candidates:
                 actions += self._dial(OutLink(peer, candidates), now)
@@ -173,7 +219,10 @@ class LinkCore:
             return []
         if link.state == "up":
             self.changed = True
-        return [Close(peer, wire.encode(wire.LinkBye()) if link.state == "up" else None)]
+        punched = link.kind == "punched"
+        if punched:
+            self.pipes.pop(peer, None)  # a failed handshake or a lost pipe: punch afresh next time
+        return [Close(peer, wire.encode(wire.LinkBye()) if link.state == "up" else None, punched)]
 
     def _failed(self, peer: str, now: float) -> list[Action]:
         """The current address did not answer or answered wrongly: next candidate, else backoff."""
@@ -201,7 +250,7 @@ class LinkCore:
             link.next_ping = now
             self.retry_at.pop(peer, None)
             self.changed = True
-            endpoint = f"tcp://{_host_of(link.address)}:{header.data_port}"
+            endpoint = link.data_endpoint or f"tcp://{_host_of(link.address)}:{header.data_port}"
             return [OpenData(peer, endpoint, link.token), *self.tick(now)]
         if isinstance(header, wire.LinkPong) and link.state == "up":
             link.deadline = now + LINK_TIMEOUT
@@ -267,8 +316,39 @@ class LinkCore:
 
     # -- outputs --------------------------------------------------------------------------------
     def up_links(self) -> dict[str, LinkView]:
-        return {p: LinkView(p, "direct", l.address, l.rtt) for p, l in self.out.items() if l.state == "up"}
+        return {p: LinkView(p, l.kind, l.shown or l.address, l.rtt) for p, l in self.out.items() if l.state == "up"}
 
-    def tokens(self) -> dict[bytes, str]:
-        """Data connection routing id -> the peer Id it was authenticated as."""
-        return {link.token: link.peer for link in self.incoming.values()}
+    def tokens(self) -> dict[bytes, tuple[str, str]]:
+        """Data connection routing id -> (the peer Id it was authenticated as, "direct" | "punched")."""
+        return {link.token: (link.peer, "punched" if link.peer in self.punched_in else "direct")
+                for link in self.incoming.values()}
+
+    # -- punched pipes (events from the punch service) -------------------------------------------
+    def pipe_up(self, peer: str, ctl: str, data: str, shown: str, now: float) -> list[Action]:
+        """A pipe to ``peer`` is bridged at ``ctl``/``data`` (loopback); dial through it when wanted."""
+        actions: list[Action] = []
+        link = self.out.get(peer)
+        if link is not None and link.kind == "punched":
+            actions = self._close(peer)  # it ran through the pipe this one replaces
+        self.punching.pop(peer, None)
+        self.pipes[peer] = (ctl, data, shown)
+        self.punched_in.add(peer)
+        self.changed = True  # (tokens: the peer's links to us are now punched)
+        self.retry_at.pop(peer, None)
+        return actions
+
+    def pipe_down(self, peer: str, now: float) -> list[Action]:
+        """The pipe to ``peer`` closed: its punched link goes down now (traffic falls back to relay)."""
+        self.pipes.pop(peer, None)
+        self.punched_in.discard(peer)
+        self.changed = True
+        link = self.out.get(peer)
+        if link is not None and link.kind == "punched":
+            return self._failed(peer, now)
+        return []
+
+    def punch_failed(self, peer: str, now: float) -> None:
+        """No pipe: back off like a failed dial (the relay keeps carrying the traffic)."""
+        self.punching.pop(peer, None)
+        backoff = min(self.retry_at.get(peer, (0.0, RETRY_MIN / 2))[1] * 2, RETRY_MAX)
+        self.retry_at[peer] = (now + backoff * (0.5 + self.rng.random()), backoff)

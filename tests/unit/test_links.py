@@ -53,7 +53,7 @@ def test_only_peers_we_send_to_get_links_and_the_handshake_brings_one_up():
     assert isinstance(actions[0], OpenData) and actions[0].endpoint == "tcp://127.0.0.1:5000"
     assert isinstance(actions[1], SendLink)  # the first ping
     assert set(a.up_links()) == {B} and a.up_links()[B].kind == "direct"
-    assert b.tokens() == {a.out[B].token: A}  # B stamps A's Id on that data connection
+    assert b.tokens() == {a.out[B].token: (A, "direct")}  # B stamps A's Id on that data connection
 
 
 def test_a_listener_refuses_a_dialer_no_server_lists_and_the_dialer_backs_off():

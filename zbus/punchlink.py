@@ -1,0 +1,288 @@
+"""Punched links: a client's punch service, the TCP pipe through both NATs, and the ZMQ bridge.
+
+The link machinery (:mod:`zbus.links`) only knows how to dial a ZMQ endpoint. A punched link gives
+it one on loopback: a :class:`Bridge` listens on ``127.0.0.1`` (one port for the link's control
+connection, one for its data connection) and carries every TCP connection made there, multiplexed,
+over one *pipe* to the peer's bridge, which opens the matching connection to the peer's own link
+ROUTER / data ROUTER. Hello/Welcome then prove the peer's Id over the punched path exactly as for a
+direct link, and RTT, pings, sequence numbers, fallback and ``max_links`` are the direct link's.
+
+The pipe is a TCP connection made by **simultaneous open** from the punch socket's port number to the
+peer's punched UDP endpoint (docs/nat.md: a cone NAT keeps the port for TCP as for UDP, so the UDP
+rendezvous predicts the TCP endpoint). Each side also *listens* on that port, so a peer without NAT
+is reached by the NATed side's plain connect. Both sides send the punch session id first; a pipe
+whose first 16 bytes differ is dropped.
+
+:class:`PunchService` is one thread per client that owns the punch socket: it keeps it registered at
+one server's rendezvous (the first configured server), serves invitations (``PunchGo``) and runs
+punches the engine asks for. The blocking driver of :mod:`zbus.punch_udp` runs here, never in the
+engine thread. Results go to the engine as events (a queue plus a wake-up byte on a socket pair).
+
+Limits: one punch at a time per client; a birthday path (one side behind a symmetric NAT) is
+punched but TCP cannot follow it, so those pairs stay on the relay (QUIC over the punched UDP
+socket is the measured fallback, not done here).
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import select
+import socket
+import threading
+import time
+from typing import Callable
+
+from . import wire
+from .punchbridge import TARGET_CTL, TARGET_DATA, ProcessBridge, big_buffers
+from .punch_udp import PunchFailed, open_punch_socket, register, renewer, run_punch, wait_go
+
+log = logging.getLogger("zbus.punchlink")
+
+PIPE_OPEN_S = 5.0  # how long both sides try to make the TCP pipe after punching (starved threads are late)
+CONNECT_TRY_S = 1.5  # one connect() attempt (covers one SYN retransmission at 1 s)
+PUNCH_TIMEOUT_S = 3.0  # waiting for the rendezvous answer (PunchGo)
+REGISTER_RETRY_S = 2.0
+
+
+def _reuse(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+
+def open_pipe(local_port: int, peer: tuple[str, int], session: bytes, timeout: float = PIPE_OPEN_S) -> socket.socket:
+    """A TCP connection with the peer: simultaneous open from ``local_port`` to ``peer``, or the
+    peer's connect accepted on ``local_port``; both ends prove the punch ``session`` first.
+    Raises TimeoutError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    _reuse(listener)
+    listener.bind(("0.0.0.0", local_port))
+    listener.listen(4)
+    listener.setblocking(False)
+    conn: socket.socket | None = None
+    try:
+        while conn is None and time.monotonic() < deadline:
+            conn = _one_attempt(listener, local_port, peer, min(deadline, time.monotonic() + CONNECT_TRY_S))
+            if conn is not None and not _same_session(conn, session, deadline):
+                conn.close()
+                conn = None
+        if conn is None:
+            raise TimeoutError(f"no TCP pipe with {peer[0]}:{peer[1]} within {timeout:g} s")
+        conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        big_buffers(conn)
+        return conn
+    finally:
+        listener.close()
+
+
+def _one_attempt(listener: socket.socket, local_port: int, peer: tuple[str, int], until: float) -> socket.socket | None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    _reuse(sock)
+    sock.bind(("0.0.0.0", local_port))
+    sock.setblocking(False)
+    err = sock.connect_ex(peer)
+    connecting = err in (0, errno.EINPROGRESS)
+    try:
+        while (left := until - time.monotonic()) > 0:
+            readable, writable, _ = select.select([listener], [sock] if connecting else [], [], left)
+            if listener in readable:
+                try:
+                    conn, addr = listener.accept()
+                except OSError:
+                    continue
+                if addr[0] == peer[0]:
+                    return conn
+                conn.close()  # a stranger: the session check would fail anyway
+            if sock in writable:
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    result, sock = sock, None
+                    return result
+                connecting = False  # refused (peer not in SYN_SENT yet): wait on the listener a bit
+                until = min(until, time.monotonic() + 0.1)
+        return None
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+def _same_session(conn: socket.socket, session: bytes, deadline: float) -> bool:
+    conn.setblocking(True)
+    try:
+        conn.settimeout(max(0.1, deadline - time.monotonic()))
+        conn.sendall(session)
+        got = b""
+        while len(got) < len(session):
+            chunk = conn.recv(len(session) - len(got))
+            if not chunk:
+                return False
+            got += chunk
+        return got == session
+    except OSError:
+        return False
+
+
+def _target(endpoint: str) -> tuple[str, int]:
+    """A ZMQ tcp endpoint of ours, as an address to connect to on this host."""
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    host = host.strip("[]")
+    if host in ("0.0.0.0", "*", "::", ""):
+        host = "127.0.0.1"
+    return host, int(port)
+
+
+class PunchService:
+    """One thread per client: keeps the punch socket registered, punches, builds bridges.
+
+    ``post(event)`` is called (from this thread or a bridge's) with ``("up", peer, bridge, elapsed)``,
+    ``("failed", peer, reason)`` or ``("down", peer, bridge)``; the engine applies them.
+    """
+
+    def __init__(self, client_id: str, server: tuple[str, int], ctl_endpoint: str, data_endpoint: str,
+                 hard: Callable[[], bool], post: Callable[[tuple], None]) -> None:
+        self.client_id = client_id
+        self.server = server
+        self.targets = {TARGET_CTL: _target(ctl_endpoint), TARGET_DATA: _target(data_endpoint)}
+        self.hard = hard
+        self.post = post
+        self.sock = open_punch_socket()
+        self.public: tuple[str, int] | None = None
+        self.requests: collections.deque[str] = collections.deque()
+        self.bridges: dict[str, ProcessBridge] = {}
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stop = False
+        self._next_register = 0.0
+        self._thread = threading.Thread(target=self._run, name=f"zbus-punch-{client_id[:10]}", daemon=True)
+
+    def start(self) -> "PunchService":
+        self._thread.start()
+        return self
+
+    def request(self, peer: str) -> None:
+        """Ask for a punched link to ``peer`` (any thread); answered by an "up" or "failed" event."""
+        self.requests.append(peer)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def close_bridge(self, peer: str) -> None:
+        with self._lock:
+            bridge = self.bridges.get(peer)
+        if bridge is not None:
+            bridge.close()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake()
+        self._thread.join(PIPE_OPEN_S + PUNCH_TIMEOUT_S + 8.0)  # a punch in progress is bounded
+        with self._lock:
+            bridges = list(self.bridges.values())
+        for bridge in bridges:
+            bridge.close()
+        for bridge in bridges:
+            bridge.join()
+        for sock in (self.sock, self._wake_r, self._wake_w):
+            sock.close()
+
+    # -- the thread -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop:
+            now = time.monotonic()
+            if now >= self._next_register:
+                try:
+                    self.public = register(self.sock, self.server, self.client_id, self.hard(), timeout=2.0)
+                    self._next_register = time.monotonic() + 20.0
+                except (TimeoutError, OSError) as exc:
+                    log.debug("punch registration at %s failed: %s", self.server, exc)
+                    self._next_register = time.monotonic() + REGISTER_RETRY_S
+                continue
+            next_register = self._next_register
+            if self.requests:
+                self._punch(self.requests.popleft(), None)
+                continue
+            readable = select.select([self.sock, self._wake_r], [], [], min(1.0, next_register - now))[0]
+            if self._wake_r in readable:
+                self._wake_r.recv(64)
+            if self.sock in readable:
+                try:
+                    datagram, _ = self.sock.recvfrom(65535)
+                    message = wire.decode(datagram)
+                except (OSError, wire.WireError):
+                    continue
+                if isinstance(message, wire.PunchGo) and not message.refused:
+                    self._punch(message.peer, message)
+
+    def _punch(self, peer: str, go: wire.PunchGo | None) -> None:
+        """Punch towards ``peer`` (requester when ``go`` is None), then make the pipe and bridge."""
+        start = time.monotonic()
+        hard = self.hard()
+        requester = go is None
+        try:
+            renew = None
+            if go is None:
+                go = wait_go(self.sock, self.server, self.client_id, hard, PUNCH_TIMEOUT_S, peer_id=peer)
+                renew = renewer(self.sock, self.server, self.client_id, peer, hard)
+            path = run_punch(self.sock, self.client_id, go, renew=renew)
+            if path.sock is not self.sock:  # a birthday path on an extra socket: no TCP port to match
+                path.sock.close()
+                raise PunchFailed(None, "punched a birthday path (symmetric NAT): TCP cannot follow it; "
+                                        "QUIC over the punched path is not implemented; use the relay")
+            pipe = open_pipe(self.sock.getsockname()[1], path.peer_addr, go.session)
+        except (PunchFailed, TimeoutError, OSError) as exc:
+            log.info("client %s: punch with %s failed: %s", self.client_id, peer, exc)
+            if requester:  # (an invited side that fails has nothing to back off from)
+                self.post(("failed", peer, str(exc)))
+            return
+        try:
+            bridge = ProcessBridge(peer, pipe, self.targets, go.controlling, self._bridge_closed)
+        except OSError as exc:
+            log.warning("client %s: %s", self.client_id, exc)
+            if requester:
+                self.post(("failed", peer, str(exc)))
+            return
+        with self._lock:
+            old = self.bridges.get(peer)
+            self.bridges[peer] = bridge
+        if old is not None:
+            old.close()
+        address = f"{path.peer_addr[0]}:{path.peer_addr[1]}"
+        self._rotate()
+        log.info("client %s: punched pipe to %s at %s in %.3f s", self.client_id, peer, address,
+                 time.monotonic() - start)
+        self.post(("up", peer, bridge, address))
+        bridge.start()
+
+    def _rotate(self) -> None:
+        """A fresh punch socket (new port) after each pipe: a later punch with the same peer from the
+        same port would reuse the old TCP 4-tuple, which the hosts (TIME_WAIT) and the routers'
+        conntrack (CLOSE, TIME_WAIT: up to 2 min) still hold, and the pipe could not be made."""
+        old, self.sock = self.sock, open_punch_socket()
+        old.close()
+        self._next_register = 0.0  # register the new socket now
+
+    def _bridge_closed(self, bridge: ProcessBridge) -> None:
+        with self._lock:
+            if self.bridges.get(bridge.peer) is bridge:
+                del self.bridges[bridge.peer]
+        self.post(("down", bridge.peer, bridge))
+
+
+def server_udp(endpoint: str) -> tuple[str, int]:
+    """A server's rendezvous address: the host and port number of its ``tcp://`` endpoint."""
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def hard_from_public(public: list[str]) -> bool:
+    """Endpoint-dependent mapping: servers saw our one UDP socket at different ports."""
+    return len({p.rpartition(":")[2] for p in public}) > 1
+
+
+
