@@ -31,7 +31,8 @@ def context() -> zmq.Context:
         return _context
 
 
-def tune(sock: zmq.Socket, *, max_frame: int, heartbeat: bool = True) -> zmq.Socket:
+def tune(sock: zmq.Socket, *, max_frame: int, heartbeat: bool = True,
+         heartbeat_timeout_ms: int = HEARTBEAT_TIMEOUT_MS) -> zmq.Socket:
     """Options for a TCP-facing socket: heartbeats, fast reconnect, a hard size cap, no linger.
 
     ``heartbeat=False`` is for data connections, where a stalled reader is normal (backpressure):
@@ -42,8 +43,8 @@ def tune(sock: zmq.Socket, *, max_frame: int, heartbeat: bool = True) -> zmq.Soc
     """
     if heartbeat:
         sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_timeout_ms)  # when we drop a silent peer
+        sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)  # when the peer drops us, silent
     else:
         sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
         sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE_S)
