@@ -15,7 +15,8 @@ from . import wire
 from .routing import Routes
 from .tables import Applied, PeerList
 
-HELLO_RETRY = 0.5  # seconds between Hellos while a connection is up but not registered
+HELLO_RETRY = 0.5  # seconds before the first repeated Hello while a connection is up but not registered,
+HELLO_RETRY_MAX = 4.0  # ... doubling up to this (a loaded server is not asked ever faster)
 HEARTBEAT = 1.0  # seconds between Heartbeats to a registered server (servers expire after 3 s)
 PROBE_INTERVAL = 1.0  # seconds between UDP probes of a server's reflector until it answers
 PROBE_TRIES = 5
@@ -41,6 +42,7 @@ class ServerSession:
         self.server_name: str | None = None
         self.peers = PeerList()
         self.next_hello: float | None = None
+        self.hellos = 0  # Hellos sent since the connection came up or registration was lost (backoff)
         self.next_heartbeat: float | None = None
         self.refusal: wire.Error | None = None
         self.observed: str | None = None  # "ip:port" this server's reflector saw our UDP socket as
@@ -98,6 +100,7 @@ class ClientCore:
         session = self.sessions[index]
         session.state = SessionState.HELLO_SENT
         session.refusal = None
+        session.hellos = 0
         if session.observed is None:
             self._start_probing(session, now)
             session.next_hello = now + HELLO_PROBE_WAIT  # the Hello goes when the answer comes, or then
@@ -150,7 +153,10 @@ class ClientCore:
             self._learn_servers(session, header)
             return []
         if isinstance(header, wire.Welcome):
+            if session.state is SessionState.REGISTERED and session.server_id == header.server_id:
+                return []  # the answer to a repeated Hello: we are registered and keep our list
             session.state = SessionState.REGISTERED
+            session.hellos = 0
             session.server_id = header.server_id
             session.server_name = header.server_name
             session.next_hello = None
@@ -164,6 +170,7 @@ class ClientCore:
         if isinstance(header, wire.Error):
             if header.code == "not-registered" and session.state is SessionState.REGISTERED:
                 session.state = SessionState.HELLO_SENT
+                session.hellos = 0
                 session.next_heartbeat = None
                 session.peers.clear()
                 self._dirty = self._full = True
@@ -254,7 +261,8 @@ class ClientCore:
         return min(deadlines) if deadlines else None
 
     def _hello(self, session: ServerSession, now: float) -> list[Output]:
-        session.next_hello = now + HELLO_RETRY
+        session.next_hello = now + min(HELLO_RETRY_MAX, HELLO_RETRY * 2 ** session.hellos)
+        session.hellos += 1
         hello = wire.Hello(self.client_id, self.name, self.net, self.instance, self.data_in, self.data_out)
         return [(session.index, wire.encode(hello))]
 

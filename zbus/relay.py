@@ -33,8 +33,8 @@ Output = tuple[bytes, bytes, Any]
 TOKEN_BYTES = 16
 SEQ_TAIL = 9  # a client's Data header ends in msgpack uint64: 0xCF and 8 bytes of seq (wire.data_header)
 FAST_ROUTES_MAX = 65_536  # per table level; past it the cache starts over
-DELTA_SPACING_S = 0.0001  # list deltas: at most one per (this x listening clients) seconds ...
-DELTA_MAX_DELAY_S = 0.05  # ... and never held back longer than this
+DELTA_SPACING_S = 0.0005  # list deltas: at most one per (this x listening clients) seconds ...
+DELTA_MAX_DELAY_S = 0.25  # ... and never held back longer than this
 
 
 @dataclass(frozen=True)
@@ -197,6 +197,13 @@ class ServerCore:
             self.connection_lost(holder.control)  # the same process on a new connection: take over
         previous = self._by_control.get(conn)
         if previous is not None:
+            if (previous.client_id, previous.instance, previous.data_in, previous.data_out) == \
+                    (hello.id, hello.instance, hello.data_in, hello.data_out):
+                # A repeated Hello (the client retries while our Welcome is on its way, e.g. on a
+                # loaded server): answer again, change nothing. Re-registering here would publish a
+                # remove + add to every client, send another full list and drop the client's queue.
+                self.table.upsert(wire.ClientInfo(hello.id, hello.name, hello.net))
+                return [(conn, self._welcome, None)]
             self.connection_lost(conn)  # re-registration on the same connection
         for token in (hello.data_in, hello.data_out):
             if token in self._receivers or token in self._by_sender:

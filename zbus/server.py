@@ -187,6 +187,7 @@ class Server:
             else:
                 ready = poller.poll(timeout)
             now = time.monotonic() - paused_total
+            caught_up = True  # everything that arrived is read (a heartbeat may wait in what is not)
             if ready and not paused:
                 on_frames = self._on_frames
                 for _ in range(BATCH):
@@ -195,7 +196,9 @@ class Server:
                     except zmq.Again:
                         break
                     on_frames(router, frames, now)
-            if now >= next_sweep:
+                else:
+                    caught_up = False
+            if now >= next_sweep and caught_up:
                 next_sweep = now + SWEEP_S
                 if monitor is not None:
                     failed_handshakes += self._count_failed_handshakes(monitor)

@@ -149,3 +149,26 @@ def test_a_new_connection_asks_the_reflector_again():
     assert core.transport_up(0, 20.0) == []
     [(_, second)] = core.probes(20.0)
     assert second != nonce
+
+
+def test_unanswered_hellos_back_off_and_a_late_second_welcome_keeps_the_list():
+    from zbus.client_core import HELLO_RETRY, HELLO_RETRY_MAX
+    core = core_with(["tcp://a:1"])
+    [(_, nonce)] = (core.transport_up(0, 0.0), core.probes(0.0))[1]
+    now, sent = 0.0, []
+    core.observed(nonce, "203.0.113.7", 4000, now)  # the first Hello goes at once
+    sent.append(now)
+    while now < 30.0:  # a loaded server: no Welcome for 30 s
+        now += 0.05
+        if _hellos(core.tick(now)):
+            sent.append(now)
+    gaps = [round(b - a, 1) for a, b in zip(sent, sent[1:])]
+    assert gaps[:4] == [HELLO_RETRY, 2 * HELLO_RETRY, 4 * HELLO_RETRY, 8 * HELLO_RETRY]
+    assert max(gaps) == HELLO_RETRY_MAX and len(sent) < 12
+    table = ClientTable("S-a")
+    table.upsert(wire.ClientInfo("C-1", "one"))
+    core.receive(0, wire.Welcome("S-a", "a"), now)
+    core.receive(0, table.snapshot(), now)
+    assert set(core.routes().clients) == {"C-1"}
+    core.receive(0, wire.Welcome("S-a", "a"), now)  # the answer to a repeated Hello
+    assert set(core.routes().clients) == {"C-1"} and core.sessions[0].synced

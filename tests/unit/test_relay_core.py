@@ -157,3 +157,16 @@ def test_a_join_storm_is_coalesced_into_few_deltas_while_newcomers_get_snapshots
         for header in received[conn]:
             assert peers.apply(header) is Applied.APPLIED
         assert len(peers.entries) == 240
+
+
+def test_a_repeated_hello_on_the_same_connection_changes_nothing_but_is_answered():
+    core = registered_core()
+    version = core.table.version
+    [(conn, welcome)] = decoded(core.receive(b"a", hello(A, "alice", "i-a", A_IN, A_OUT), 1.0))
+    assert (conn, welcome) == (b"a", wire.Welcome("S-1", "s1"))
+    assert core.flush(1.0) == [] and core.table.version == version  # no delta, no second full list
+    assert core.take_forgotten() == []  # the client's queues are kept
+    assert core.relay(B_OUT, wire.Data(A), 1)[0] == A_IN
+    core.receive(b"a", hello(A, "alice-2", "i-a", A_IN, A_OUT), 1.0)  # a changed name is published
+    [delta] = [wire.decode(h) for _, h, _ in core.flush(2.0)][:1]
+    assert [info.name for info in delta.upsert] == ["alice-2"]
