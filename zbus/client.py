@@ -19,12 +19,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import inspect
-import os
 import random
 import threading
 import time
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 import zmq
@@ -40,7 +39,7 @@ from .dataplane import (
 from .delivery import Receiver, Sender
 from .engine import SEND_SLICE_MS, Engine
 from .errors import Backpressure, IdInUse, Refused, Unreachable, ZbusError
-from .ids import new_client_id
+from .ids import new_client_id, new_token
 from .relay import TOKEN_BYTES
 from .routing import Routes, choose_path
 from .wire import LINK_INLINE_MAX
@@ -57,11 +56,6 @@ class Peer(NamedTuple):
     via: str  # how we would reach it now: "direct" | "punched" | "relay"
     address: str  # the link's address, or the relaying server's endpoint
     rtt: float | None  # seconds, for links that measure it
-
-
-def _token() -> bytes:
-    token = os.urandom(TOKEN_BYTES)
-    return bytes([token[0] | 1]) + token[1:]  # never a leading zero byte (libzmq reserves those)
 
 
 @dataclass(frozen=True)
@@ -83,6 +77,9 @@ class ClientStatus:
     control_msgs: dict[str, int]  # control messages received, by type
     control_bytes: int
     dropped: dict[str, int]
+    # The delivery layer (docs/delivery.md): "gap_skipped" (messages given up on after gap_timeout),
+    # "duplicates", "reorder_overflow" (early arrivals not buffered), "resent", "unprotected".
+    delivery: dict[str, int] = field(default_factory=dict)
 
 
 class _ClientBase(DataPlane):
@@ -108,7 +105,7 @@ class _ClientBase(DataPlane):
         )
         self.id: str = self.config.id or new_client_id()
         self.name: str = self.config.name
-        data_in, data_out = _token(), _token()
+        data_in, data_out = new_token(TOKEN_BYTES), new_token(TOKEN_BYTES)
         self._tx_lock = threading.Lock()  # whoever writes on data sockets (user send, engine upkeep)
         self._engine = Engine(self.id, self.config, data_in, data_out, self._tx_lock)
         self._engine.on_tick = self._upkeep
@@ -127,6 +124,7 @@ class _ClientBase(DataPlane):
         # dst -> (routes, socket, header prefix, stream) of its last send: while the engine's Routes
         # are the very same object, the path is too, and send skips path choice (the hot path).
         self._fast: dict[str, tuple] = {}
+        self._upkeep_missed = False  # the engine found the send lock taken: the hot path does the upkeep
         self._closed = False
         self.dropped: dict[str, int] = {}
         self._ctl = sockets.context().socket(zmq.PAIR)
@@ -157,8 +155,12 @@ class _ClientBase(DataPlane):
             dropped[reason] = dropped.get(reason, 0) + count
         if engine.core.servers_ignored:
             dropped["too_many_servers"] = engine.core.servers_ignored
+        receiver, streams = self._receiver, list(self._sender.streams.values())
+        delivery = {"gap_skipped": receiver.skipped, "duplicates": receiver.duplicates,
+                    "reorder_overflow": receiver.overflow, "resent": sum(s.resent for s in streams),
+                    "unprotected": sum(s.unprotected for s in streams)}
         return ClientStatus(self.id, self.name, engine.core.master, links, dict(engine.control_msgs),
-                            engine.control_bytes, dropped)
+                            engine.control_bytes, dropped, delivery)
 
     def _peers(self) -> dict[str, Peer]:
         """The link table: each known peer with the path a message to it would take now."""
@@ -278,6 +280,9 @@ class Client(_ClientBase):
             fast = self._fast.get(dst)
             if fast is not None and fast[0] is self._engine.routes and not self._closed:
                 _, sock, prefix, stream = fast  # same Routes, so the same path: no choice to make
+                acked = self._engine.acked.get(dst)
+                if acked is not None and acked > stream.acked:
+                    stream.ack(acked)
                 seq = stream.push(data, len(data))
                 try:  # _put, inlined; blocks up to SNDTIMEO on a full pipe
                     if prefix is None and 0 < len(data) <= LINK_INLINE_MAX:
@@ -285,6 +290,9 @@ class Client(_ClientBase):
                     else:
                         _SEND_COPY(sock, _LINK_SEQ_PACK(seq) if prefix is None else prefix + _SEQ_PACK(0xCF, seq), _MORE)
                         sock.send(data, 0, copy=False)
+                    if self._upkeep_missed:  # the engine could not get the lock from this loop
+                        self._upkeep_missed = False
+                        self._sender_upkeep(time.monotonic())
                     return seq
                 except zmq.Again:  # the pipe stayed full for SNDTIMEO already
                     call = _Call(stream)
@@ -522,6 +530,9 @@ class AsyncClient(_ClientBase):
                 if call is None:
                     call = _Call(self._sender.streams.get(dst) or self._sender.stream(dst))
                 full = self._attempt(dst, data, call, _NOBLOCK_MORE)
+                if full is None and self._upkeep_missed:  # as in Client._send_one
+                    self._upkeep_missed = False
+                    self._sender_upkeep(time.monotonic())
                 if full is not None:
                     if deadline is None:  # the clock starts at the first full pipe (the hot path reads none)
                         deadline = time.monotonic() + self.config.send_timeout

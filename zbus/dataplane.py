@@ -19,7 +19,7 @@ import zmq
 import zmq.backend
 
 from . import wire
-from .delivery import SendStream
+from .delivery import RTO_MIN_RELAY, SendStream
 from .errors import RemoteError, ZbusError
 from .routing import choose_path
 from .sockets import recv_frames_rest
@@ -219,20 +219,34 @@ class DataPlane:
             stream = self._receiver.streams.get(src)
             if stream is not None:
                 stream.acked_sent = 0  # due again at the next upkeep
-        if self._sender.streams and self._tx_lock.acquire(blocking=False):
-            try:
-                if self._closed:
-                    return None
-                for dst, stream in list(self._sender.streams.items()):
-                    acked = engine.acked.get(dst)
-                    if acked is not None and acked > stream.acked:
-                        stream.ack(acked)
-                    if stream.retained:
-                        busy = True
-                        self._repair(dst, stream, now)
-            finally:
-                self._tx_lock.release()
+        if self._sender.streams:
+            if self._tx_lock.acquire(blocking=False):
+                try:
+                    if self._closed:
+                        return None
+                    self._upkeep_missed = False
+                    busy = self._sender_upkeep(now) or busy
+                finally:
+                    self._tx_lock.release()
+            else:
+                # A thread sending in a tight loop holds the send lock nearly all the time: the next
+                # send on the hot path does this upkeep itself (acks applied, stalls repaired).
+                self._upkeep_missed = busy = True
         return now + _UPKEEP_S if busy else None
+
+    def _sender_upkeep(self, now: float) -> bool:
+        """Apply acks to every outgoing stream and repair what needs it (send lock held); True while
+        something is still unacknowledged."""
+        engine = self._engine
+        busy = False
+        for dst, stream in list(self._sender.streams.items()):
+            acked = engine.acked.get(dst)
+            if acked is not None and acked > stream.acked:
+                stream.ack(acked)
+            if stream.retained:
+                busy = True
+                self._repair(dst, stream, now)
+        return busy
 
     def _repair(self, dst: str, stream: SendStream, now: float) -> None:
         """Send retained messages again if the path changed or acks stalled (send lock held)."""
@@ -253,7 +267,10 @@ class DataPlane:
             if path not in self._engine.routes.registered:
                 stream.path = _RESEND
                 self._fast.pop(dst, None)  # that server's session dropped: repeat everything when it is back
-            return  # a live relay path loses nothing; what a server refused on purpose is not repeated
+                return
+            # A live relay path can still lose what a data connection's pipe held when it reconnected.
+            # Stalled acks mean something only if we read them (through a relay only recv does).
+            batch = stream.retransmit_due(now, RTO_MIN_RELAY) if stream.heard else []
         else:
             batch = stream.retransmit_due(now)
         prefix = self._prefix(dst) if path.__class__ is int else None

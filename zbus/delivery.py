@@ -8,8 +8,10 @@ invisible: B gets every message exactly once and in A's order.
   (``counter`` from 1; ``epoch`` random per sender process and destination, so a restarted sender is
   a new stream) and *retains* them until a cumulative :class:`~zbus.wire.Ack` covers them. When the
   path to the destination changes, everything retained is sent again on the new path, ahead of new
-  messages (:meth:`SendStream.switch`). If acks stop advancing while the stream is idle, the
-  retained messages are sent again with exponential backoff (:meth:`SendStream.retransmit_due`).
+  messages (:meth:`SendStream.switch`). If acks stop advancing for the retransmission timeout while
+  something is retained -- busy or idle, link or relay: a connection that drops and reconnects under
+  a live path loses what was in its pipe, silently -- the oldest retained messages are sent again,
+  with exponential backoff (:meth:`SendStream.retransmit_due`).
   Retention is bounded (``max_msgs``, ``max_bytes``): past it the oldest message leaves retention
   unacknowledged (counted in ``unprotected``) and can no longer be repaired if its path fails.
 * **Receiver** (:class:`Receiver`, one :class:`RecvStream` per source): delivers ``expected`` and
@@ -18,9 +20,9 @@ invisible: B gets every message exactly once and in A's order.
   the cumulative ``upto`` to acknowledge (:meth:`Receiver.acks_due`; a duplicate arrival means
   the sender missed an ack, so the ack is due again). A gap that stays open longer
   than ``gap_timeout`` without progress is skipped and counted: that happens when a server
-  refused a message on purpose (too big for it, destination gone; a relay path is otherwise
-  reliable, so relayed messages are repeated only when the path changes) or when the sender's
-  retention overflowed.
+  refused a message on purpose (too big for it) and every repeat of it too, or when the sender's
+  retention overflowed. ``gap_timeout`` is well above the sender's first repeat (RTO_MIN_RELAY
+  plus an ack interval), so a message lost in flight is repaired, not skipped.
 
 Acks are cumulative and carry the full sequence number (epoch included); a later
 ``send(..., ack=True)`` waits for ``acked >= seq`` of its message. Sequence number 0 means
@@ -39,9 +41,12 @@ DEFAULT_MAX_UNACKED = 16_384  # messages retained per destination
 DEFAULT_MAX_UNACKED_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_REORDER = 16_384  # early messages buffered per source
 DEFAULT_MAX_REORDER_BYTES = 64 * 1024 * 1024
-GAP_TIMEOUT = 3.0  # seconds a stream may hold early messages without progress before skipping the gap
-RTO_MIN = 1.0  # seconds of idle, unacknowledged stream before the first retransmission
+GAP_TIMEOUT = 10.0  # seconds a stream may hold early messages without progress before skipping the gap
+RTO_MIN = 1.0  # seconds without ack progress (link: acks every 50 ms) before the first retransmission
+RTO_MIN_RELAY = 3.0  # the same through a relay, where acks come at most once a second
 RTO_MAX = 8.0
+REPAIR_MSGS = 4096  # at most this many (oldest) retained messages per retransmission ...
+REPAIR_BYTES = 4 * 1024 * 1024  # ... and this many bytes (at least one message)
 
 
 def epoch_of(seq: int) -> int:
@@ -52,7 +57,7 @@ class SendStream:
     """One destination's outgoing stream. Owned by whoever holds the client's send lock."""
 
     __slots__ = ("epoch", "next_seq", "retained", "retained_bytes", "acked", "path", "max_msgs",
-                 "max_bytes", "unprotected", "resent", "_idle_seq", "_idle_since", "_rto")
+                 "max_bytes", "unprotected", "resent", "heard", "_stall_acked", "_stall_since", "_rto")
 
     def __init__(self, epoch: int, max_msgs: int = DEFAULT_MAX_UNACKED,
                  max_bytes: int = DEFAULT_MAX_UNACKED_BYTES) -> None:
@@ -66,9 +71,10 @@ class SendStream:
         self.max_bytes = max_bytes
         self.unprotected = 0  # messages that left retention before being acknowledged
         self.resent = 0
-        self._idle_seq = -1
-        self._idle_since = 0.0
-        self._rto = RTO_MIN
+        self.heard = False  # an ack arrived: the sender reads acks (through a relay only its recv does)
+        self._stall_acked = -1  # the ack level the stall clock watches
+        self._stall_since: float | None = None  # since when acks have not advanced (None: not watching)
+        self._rto = 0.0  # 0: the path's minimum
 
     def push(self, payload: Any, size: int) -> int:
         """Number a new message and retain it; return its sequence number."""
@@ -97,7 +103,8 @@ class SendStream:
         if upto <= self.acked or epoch_of(upto) not in (self.epoch, epoch_of(self.acked)):
             return  # stale, or for an earlier sender process's stream
         self.acked = upto
-        self._rto = RTO_MIN
+        self.heard = True
+        self._rto = 0.0
         retained = self.retained
         while retained and retained[0][0] <= upto:
             self.retained_bytes -= retained.popleft()[2]
@@ -113,24 +120,29 @@ class SendStream:
         self.resent += len(self.retained)
         return list(self.retained)
 
-    def retransmit_due(self, now: float) -> list[tuple[int, Any, int]]:
-        """Called on a timer: the retained messages to send again, if the stream is idle and its acks
-        stopped advancing for the retransmission timeout (which then doubles, up to RTO_MAX)."""
+    def retransmit_due(self, now: float, rto_min: float = RTO_MIN) -> list[tuple[int, Any, int]]:
+        """Called on a timer: the oldest retained messages (at most REPAIR_MSGS / REPAIR_BYTES) to send
+        again when acks have not advanced for the retransmission timeout (at least ``rto_min``; it
+        doubles on every repeat without progress, up to RTO_MAX, and starts over on progress)."""
         if not self.retained:
-            self._idle_seq = -1
+            self._stall_since = None
             return []
-        if self.next_seq != self._idle_seq:
-            self._idle_seq, self._idle_since = self.next_seq, now
+        if self._stall_since is None or self.acked != self._stall_acked:
+            self._stall_acked, self._stall_since = self.acked, now
             return []
-        if now - self._idle_since < self._rto:
+        rto = max(self._rto, rto_min)
+        if now - self._stall_since < rto:
             return []
-        self._idle_since = now
-        self._rto = min(self._rto * 2, RTO_MAX)
-        self.resent += len(self.retained)
-        return list(self.retained)
-
-    def next_retransmit(self) -> float | None:
-        return self._idle_since + self._rto if self.retained and self._idle_seq >= 0 else None
+        self._stall_since = now
+        self._rto = min(rto * 2, RTO_MAX)
+        batch, size = [], 0
+        for entry in self.retained:
+            if batch and (len(batch) >= REPAIR_MSGS or size + entry[2] > REPAIR_BYTES):
+                break
+            batch.append(entry)
+            size += entry[2]
+        self.resent += len(batch)
+        return batch
 
 
 class Sender:

@@ -35,6 +35,7 @@ from .sockets import recv_frames
 from .client_core import ClientCore
 from .config import ClientConfig
 from .errors import ConfigError
+from .ids import new_token
 from .links import Close, Dial, LinkCore, OpenData, PunchWanted, Reply, SendLink
 from .routing import Routes
 from .security import claim_refusal, load_security, peer_id
@@ -387,6 +388,11 @@ class Engine:
                     pass  # that connection is gone
             elif action.__class__ is Dial:
                 dealer = sockets.tune(ctx.socket(zmq.DEALER), max_frame=self.config.max_frame)
+                # A fixed routing id: when this connection drops and libzmq reconnects, the listener's
+                # ROUTER (ROUTER_HANDOVER) keeps the same connection id, so the acks it sends back on
+                # it (links.incoming_conn) still reach us. A generated id changed on every reconnect,
+                # and the acks went to the old one, silently.
+                dealer.setsockopt(zmq.ROUTING_ID, new_token())
                 if self._secure(dealer, action.peer, action.address):  # else the link times out: relay
                     dealer.connect(action.address)
                     dealer.send(action.hello, zmq.NOBLOCK)  # queued until connected

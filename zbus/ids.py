@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 SERVER_PREFIX = "S-"
@@ -32,3 +33,9 @@ def is_server_id(value: str) -> bool:
 
 def is_client_id(value: str) -> bool:
     return _is_id(value, CLIENT_PREFIX)
+
+
+def new_token(size: int = 16) -> bytes:
+    """A random ZMQ routing id: never a leading zero byte (libzmq reserves those for its own)."""
+    token = os.urandom(size)
+    return bytes([token[0] | 1]) + token[1:]

@@ -68,8 +68,10 @@ class Receiver:
             numbers = list(self.numbers)
             via = dict(self.via)
         in_order = numbers == list(range(1, len(numbers) + 1))
+        missing = sorted(set(range(1, n + 1)) - set(numbers))
         emit("received", n=len(numbers), in_order=in_order, via=via,
-             first_wrong=next((i for i, x in enumerate(numbers, 1) if x != i), None))
+             first_wrong=next((i for i, x in enumerate(numbers, 1) if x != i), None),
+             missing=missing[:20], missing_count=len(missing), delivery=self.client.status().delivery)
 
     def reset(self) -> None:
         with self.lock:
@@ -120,7 +122,7 @@ def send(client: zbus.Client, peer: str, n: int, rate: float) -> None:
     finally:
         done.set()
         watcher.join()
-    emit("sent", n=n, seconds=round(time.monotonic() - start, 3))
+    emit("sent", n=n, seconds=round(time.monotonic() - start, 3), delivery=client.status().delivery)
 
 
 def blast(client: zbus.Client, peer: str, n: int, size: int) -> None:

@@ -163,3 +163,39 @@ def test_any_loss_duplication_reordering_and_path_switching_delivers_exactly_onc
         transmit(stream.retransmit_due(now))
     assert delivered == list(range(sent))
     assert not stream.retained
+
+
+def test_a_busy_stream_whose_acks_stall_repeats_its_oldest_messages_bounded():
+    from zbus.delivery import REPAIR_MSGS, RTO_MIN_RELAY
+    stream, receiver = SendStream(3), Receiver()
+    seqs = [stream.push(i, 1) for i in range(REPAIR_MSGS + 2000)]
+    lost = set(seqs[100:150])  # a connection dropped and reconnected: its pipe is gone, the path stays
+    for seq in seqs:
+        if seq not in lost:
+            receiver.accept("A", seq, None, 1)
+    [(_, upto)] = receiver.acks_due()
+    stream.ack(upto)
+    assert stream.retransmit_due(0.0, RTO_MIN_RELAY) == []  # the stall clock starts
+    for i in range(1, 5):  # more messages keep going (busy), acks stay where the gap is
+        stream.push(REPAIR_MSGS + 2000 + i, 1)
+        assert stream.retransmit_due(i * 0.5, RTO_MIN_RELAY) == []
+    repaired = stream.retransmit_due(RTO_MIN_RELAY, RTO_MIN_RELAY)
+    assert len(repaired) == REPAIR_MSGS and repaired[0][0] == min(lost)
+    for seq, payload, size in repaired:
+        receiver.accept("A", seq, payload, size)
+    [(_, upto)] = receiver.acks_due()
+    assert upto == seqs[-1] and receiver.skipped == 0  # repaired well before the receiver's gap timeout
+    stream.ack(upto)
+    assert [m[1] for m in stream.retained] == [REPAIR_MSGS + 2000 + i for i in range(1, 5)]
+
+
+def test_repeats_without_progress_back_off_and_progress_starts_the_clock_over():
+    stream = SendStream(3)
+    for i in range(3):
+        stream.push(b"%d" % i, 1)
+    stream.retransmit_due(0.0, 3.0)
+    assert stream.retransmit_due(2.9, 3.0) == [] and len(stream.retransmit_due(3.0, 3.0)) == 3
+    assert stream.retransmit_due(8.9, 3.0) == [] and len(stream.retransmit_due(9.0, 3.0)) == 3  # 6 s
+    stream.ack(stream.retained[0][0])
+    assert stream.retransmit_due(9.5, 3.0) == []  # progress: the clock starts over at the minimum
+    assert stream.retransmit_due(12.4, 3.0) == [] and len(stream.retransmit_due(12.5, 3.0)) == 2
