@@ -241,8 +241,8 @@ class DataPlane:
         busy = False
         for dst, stream in list(self._sender.streams.items()):
             acked = engine.acked.get(dst)
-            if acked is not None and acked > stream.acked:
-                stream.ack(acked)
+            if acked is not None and (acked > stream.acked or (acked == stream.acked and not stream.heard)):
+                stream.ack(acked)  # (an equal one: "nothing yet", the receiver hears us)
             if stream.retained:
                 busy = True
                 self._repair(dst, stream, now)

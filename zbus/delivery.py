@@ -100,8 +100,11 @@ class SendStream:
 
     def ack(self, upto: int) -> None:
         """The receiver delivered everything up to ``upto``: release it."""
-        if upto <= self.acked or epoch_of(upto) not in (self.epoch, epoch_of(self.acked)):
-            return  # stale, or for an earlier sender process's stream
+        if epoch_of(upto) not in (self.epoch, epoch_of(self.acked)):
+            return  # for an earlier sender process's stream
+        if upto <= self.acked:
+            self.heard = self.heard or upto == self.acked  # "still at this point": the receiver is there
+            return
         self.acked = upto
         self.heard = True
         self._rto = 0.0
@@ -265,7 +268,9 @@ class Receiver:
         due = []
         for src, stream in list(self.streams.items()):
             upto = stream.expected - 1
-            if upto != stream.acked_sent and upto & _COUNTER_MASK:
+            # "Nothing yet" (counter 0) is acked too while later messages wait: the sender learns
+            # that we hear it, so it repairs a hole at the very start of its stream.
+            if upto != stream.acked_sent and (upto & _COUNTER_MASK or stream.early):
                 stream.acked_sent = upto
                 due.append((src, upto))
         return due

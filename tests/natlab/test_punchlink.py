@@ -120,9 +120,6 @@ def run_streams(cells: dict, n: int, rate: int, timeout: float) -> dict:
     return reports
 
 
-@pytest.mark.xfail(strict=False, reason="KNOWN BUG (issue 5): during the relay->punched upgrade a cell sometimes "
-                   "loses messages (CI 2026-12-01: none->cone got 9975/10000, out of order); suspected receiver gap "
-                   "skip after 3 s while relayed messages lag the link. Must be fixed, not hidden: see the stop note.")
 def test_matrix_direct_punched_relay_and_same_nat(natlab):
     """A behind {none, cone, symmetric} x B behind {none, cone, symmetric}, plus two hosts behind one
     cone NAT; all cells at once, a 10,000-message stream in each while the path upgrades."""
@@ -255,16 +252,19 @@ def test_dead_punched_path_falls_back_to_relay_without_loss(natlab):
 
 def test_cone_cone_punches_with_20_percent_loss(natlab):
     """20 % loss each way on both routers (UDP punch packets, the TCP pipe's SYNs and the relay alike):
-    the link still gets punched (retries with backoff if a try fails), the stream stays complete."""
+    the link still gets punched (retries with backoff if a try fails), every stream stays complete.
+    Whether the punched link then *stays* up is not asserted: a TCP pipe at 36 % round-trip loss
+    stalls for seconds (retransmission backoff) and the link's 2 s ping timeout may drop it back to
+    the relay, losing nothing (docs/nat.md)."""
     lab = natlab
     a, b = cone_pair(lab, "loss", loss=20)
     report = stream(a, b, n=3000, rate=500, timeout=120.0)
-    when = first_time(a, "punched")
     print(f"\n20% loss: paths {[(p['kind'], p['t']) for p in paths(a)]}, received via {report['via']}")
-    if when is None:  # not within the 10 s stream: it must come later (bounded)
+    if first_time(a, "punched") is None:  # not within the 6 s stream: it must come later (bounded)
         wait_path(a, "punched", 30.0, b)
-        report = stream(a, b, n=1000, rate=0, timeout=60.0)
-    assert report["via"].get("punched", 0) > 0, report
+        report = stream(a, b, n=1000, rate=0, timeout=60.0)  # complete and in order, whatever the path
+        print(f"then: paths {[(p['kind'], p['t']) for p in paths(a)]}, received via {report['via']}")
+    assert first_time(a, "punched") is not None, paths(a)
 
 
 IDLE_S = 30.0

@@ -199,3 +199,18 @@ def test_repeats_without_progress_back_off_and_progress_starts_the_clock_over():
     stream.ack(stream.retained[0][0])
     assert stream.retransmit_due(9.5, 3.0) == []  # progress: the clock starts over at the minimum
     assert stream.retransmit_due(12.4, 3.0) == [] and len(stream.retransmit_due(12.5, 3.0)) == 2
+
+
+def test_a_hole_at_the_very_start_is_acked_as_nothing_yet_so_the_sender_repairs_it():
+    stream, receiver = SendStream(3), Receiver()
+    seqs = [stream.push(i, 1) for i in range(10)]
+    for i, seq in enumerate(seqs[3:], 3):  # the first three were lost (dropped before the receiver's
+        assert receiver.accept("A", seq, i, 1) == []  # data connection was up): the rest waits
+    [(_, upto)] = receiver.acks_due()
+    assert upto == stream.acked and not stream.heard
+    stream.ack(upto)
+    assert stream.heard and receiver.acks_due() == []  # once, not on every upkeep
+    stream.retransmit_due(0.0, 3.0)
+    repaired = stream.retransmit_due(3.0, 3.0)
+    delivered = [p for seq, p, size in repaired for p in receiver.accept("A", seq, p, size)]
+    assert delivered == list(range(10))
