@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from zbus.bench import free_tcp_port_pair as free_port_pair  # noqa: F401 (re-exported for tests)
 
@@ -75,3 +76,30 @@ class ServerProcess:
         """Graceful stop (SIGTERM); returns the exit code."""
         self.kill(signal.SIGTERM)
         return self.proc.returncode if self.proc else None
+
+
+def keygen(directory: Path, *, server: bool = False) -> str:
+    """``zbus-node keygen`` (the real CLI); returns the new Id."""
+    argv = [sys.executable, "-m", "zbus.cli", "keygen", "--out", str(directory), *(["--server"] if server else [])]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=REPO, check=True).stdout
+    return out.split()[0]
+
+
+class Keys:
+    """A key directory (secret keys) and the cluster's trust directory (public keys)."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir, self.trust = root / "keys", root / "trust"
+        self.trust.mkdir(parents=True)
+
+    def new(self, *, server: bool = False, trusted: bool = True) -> str:
+        node = keygen(self.dir, server=server)
+        if trusted:
+            shutil.copy(self.dir / f"{node}.pub", self.trust / f"{node}.pub")
+        return node
+
+    def key(self, node: str) -> str:
+        return str(self.dir / f"{node}.key")
+
+    def flags(self, node: str) -> list[str]:
+        return ["--key", self.key(node), "--trust", str(self.trust)]

@@ -7,11 +7,9 @@ files it trusts. See docs/security.md.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 import zmq
@@ -21,36 +19,9 @@ from zbus import sockets, wire
 from zbus.cluster.status import cluster_endpoint_of, query_cluster_status
 from zbus.security import load_security, read_key_file
 from zbus.security import secure_client as curve_client
-from tests.helpers import REPO, ServerProcess, free_port_pair, wait_until
+from tests.helpers import REPO, Keys, ServerProcess, free_port_pair, wait_until
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def keygen(directory: Path, *, server: bool = False) -> str:
-    """``zbus-node keygen`` (the real CLI); returns the new Id."""
-    argv = [sys.executable, "-m", "zbus.cli", "keygen", "--out", str(directory), *(["--server"] if server else [])]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=REPO, check=True).stdout
-    return out.split()[0]
-
-
-class Keys:
-    """A key directory (secret keys) and the cluster's trust directory (public keys)."""
-
-    def __init__(self, root: Path) -> None:
-        self.dir, self.trust = root / "keys", root / "trust"
-        self.trust.mkdir(parents=True)
-
-    def new(self, *, server: bool = False, trusted: bool = True) -> str:
-        node = keygen(self.dir, server=server)
-        if trusted:
-            shutil.copy(self.dir / f"{node}.pub", self.trust / f"{node}.pub")
-        return node
-
-    def key(self, node: str) -> str:
-        return str(self.dir / f"{node}.key")
-
-    def flags(self, node: str) -> list[str]:
-        return ["--key", self.key(node), "--trust", str(self.trust)]
 
 
 class Stderr:

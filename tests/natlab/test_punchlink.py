@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import Keys
+
 from .lab import NatLab, wait_until
 
 pytestmark = pytest.mark.timeout(170)
@@ -35,15 +37,15 @@ EXPECTED = {
 }
 
 
-def start_server(lab: NatLab):
-    argv = [sys.executable, "-m", "zbus.cli", "server", "--listen", SERVER]
+def start_server(lab: NatLab, extra: list[str] = ()):
+    argv = [sys.executable, "-m", "zbus.cli", "server", "--listen", SERVER, *extra]
     proc = lab.popen("s1", argv)
     proc.wait_line(lambda line: "listening on" in line, timeout=20.0, what="the server's ready line")
     return proc
 
 
-def worker(lab: NatLab, host: str, name: str):
-    proc = lab.popen(host, [sys.executable, WORKER, "--server", SERVER, "--name", name])
+def worker(lab: NatLab, host: str, name: str, server: str = SERVER, extra: list[str] = ()):
+    proc = lab.popen(host, [sys.executable, WORKER, "--server", server, "--name", name, *extra])
     proc.wait_event("ready", timeout=30.0)
     return proc
 
@@ -339,3 +341,43 @@ def test_bulk_64k_streams_go_over_the_punched_and_the_direct_link(natlab):
     print(f"\n64 KiB over zbus links in the lab: direct {results['direct']} MiB/s, punched {results['punched']} "
           f"MiB/s; medians {direct} / {punched} = {punched / direct:.2f}x")
     assert min(results["punched"] + results["direct"]) > 0, results
+
+
+def test_with_curve_a_punched_link_runs_end_to_end_and_an_untrusted_key_is_refused_on_it(natlab, tmp_path):
+    """Security on (docs/security.md). The bridge carries the link's ZMTP byte for byte, so the link's
+    CURVE handshake and ZAP check run end to end over the punched pipe: a (trusted) peer's link comes
+    up punched; a peer that the server trusts but B does not gets its pipe punched, yet B's ZAP refuses
+    its key on it, so its messages to B stay on the relay (complete) and B logs the refusal."""
+    keys = Keys(tmp_path)
+    server = keys.new(server=True)
+    a, b, c = keys.new(), keys.new(), keys.new()
+    b_trust = tmp_path / "b-trust"  # everything but c
+    b_trust.mkdir()
+    for node in (server, a, b):
+        (b_trust / f"{node}.pub").write_bytes((keys.trust / f"{node}.pub").read_bytes())
+    lab = natlab
+    lab.add_public_host("s1")
+    lab.add_router("ra", nat="cone")
+    lab.add_router("rb", nat="cone")
+    lab.add_host("a", router="ra")
+    lab.add_host("c", router="ra")
+    lab.add_host("b", router="rb")
+    lab.build()
+    start_server(lab, keys.flags(server))
+    pinned = f"{server}@{SERVER}"
+    wb = worker(lab, "b", "b-sec", pinned, ["--key", keys.key(b), "--trust", str(b_trust)])
+    wa = worker(lab, "a", "a-sec", pinned, keys.flags(a))
+    wc = worker(lab, "c", "c-sec", pinned, keys.flags(c))
+    for w in (wa, wc):
+        w.send_line("peer b-sec")
+        w.wait_event("peer", timeout=30.0)
+    report = stream(wa, wb, n=3000, rate=500, timeout=60.0)
+    punched = wait_path(wa, "punched", 20.0, wb) if first_time(wa, "punched") is None else None
+    print(f"\nsecure, trusted: paths {[(p['kind'], p['t']) for p in paths(wa)]}, received via {report['via']}")
+    assert first_time(wa, "punched") is not None or punched is not None, paths(wa)
+    report = stream(wc, wb, n=2000, rate=500, timeout=60.0)  # complete and in order: by relay
+    print(f"secure, untrusted by B: paths {[(p['kind'], p['t']) for p in paths(wc)]}, received via {report['via']}")
+    assert report["via"] == {"relay": 2000}, report
+    assert all(p["kind"] == "relay" for p in paths(wc)), paths(wc)
+    wait_until(lambda: "key not in the trust list" in wb.stderr_text(), 20.0, "B to log the refusal of c's key")
+    assert "punched pipe to " + c in wb.stderr_text(), "c's pipe was never punched: the refusal was not on it"
