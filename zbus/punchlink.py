@@ -224,6 +224,7 @@ class PunchService:
         start = time.monotonic()
         hard = self.hard()
         requester = go is None
+        piping = False
         try:
             renew = None
             if go is None:
@@ -234,9 +235,14 @@ class PunchService:
                 path.sock.close()
                 raise PunchFailed(None, "punched a birthday path (symmetric NAT): TCP cannot follow it; "
                                         "QUIC over the punched path is not implemented; use the relay")
+            piping = True
             pipe = self._open_pipe_answering(path, go.session)
         except (PunchFailed, TimeoutError, OSError) as exc:
             log.info("client %s: punch with %s failed: %s", self.client_id, peer, exc)
+            if piping:
+                # The failed SYNs left conntrack entries for this 4-tuple on both routers (SYN_SENT:
+                # 2 min); retrying from the same port met them every time under loss. Next try: new port.
+                self._rotate()
             if requester:  # (an invited side that fails has nothing to back off from)
                 self.post(("failed", peer, str(exc)))
             return

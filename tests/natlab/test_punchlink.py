@@ -88,12 +88,7 @@ def first_time(a, kind: str) -> float | None:
 
 def test_cone_cone_punched_link_carries_a_stream_in_order(natlab):
     lab = natlab
-    lab.add_public_host("s1")
-    lab.add_router("ra", nat="cone")
-    lab.add_router("rb", nat="cone")
-    lab.add_host("a", router="ra")
-    lab.add_host("b", router="rb")
-    lab.build()
+    build_two_cones(lab)
     start_server(lab)
     a, b = pair(lab, "a", "b", "cc")
     a.wait_event("peer", timeout=20.0)
@@ -180,13 +175,20 @@ def test_matrix_direct_punched_relay_and_same_nat(natlab):
             assert paths(cells[key][0])[-1]["address"].split(":")[0] == lab.public_addr(b_host)
 
 
-def cone_pair(lab: NatLab, tag: str, loss: int = 0):
-    lab.add_public_host("s1")
+def build_two_cones(lab: NatLab, a_side=("a",), b_side=("b",), public=(), loss: int = 0) -> None:
+    """The server host s1 and ``public`` hosts, routers ra and rb (cone NAT, ``loss`` %), hosts behind them."""
+    for host in ("s1", *public):
+        lab.add_public_host(host)
     lab.add_router("ra", nat="cone", loss_percent=loss)
     lab.add_router("rb", nat="cone", loss_percent=loss)
-    lab.add_host("a", router="ra")
-    lab.add_host("b", router="rb")
+    for router, hosts in (("ra", a_side), ("rb", b_side)):
+        for host in hosts:
+            lab.add_host(host, router=router)
     lab.build()
+
+
+def cone_pair(lab: NatLab, tag: str, loss: int = 0):
+    build_two_cones(lab, loss=loss)
     start_server(lab)
     a, b = pair(lab, "a", "b", tag)
     a.wait_event("peer", timeout=30.0)
@@ -307,14 +309,7 @@ def test_bulk_64k_streams_go_over_the_punched_and_the_direct_link(natlab):
     it was meant for. Prints the throughput ratio (the 0.5x target is a benchmark figure, recorded in
     docs/performance.md, not asserted: timed assertions fail on a loaded machine)."""
     lab = natlab
-    lab.add_public_host("s1")
-    lab.add_public_host("c")
-    lab.add_router("ra", nat="cone")
-    lab.add_router("rb", nat="cone")
-    lab.add_host("a", router="ra")
-    lab.add_host("a2", router="ra")
-    lab.add_host("b", router="rb")
-    lab.build()
+    build_two_cones(lab, a_side=("a", "a2"), public=("c",))
     start_server(lab)
     b = worker(lab, "b", "b-bench")
     c = worker(lab, "c", "c-bench")
@@ -356,13 +351,7 @@ def test_with_curve_a_punched_link_runs_end_to_end_and_an_untrusted_key_is_refus
     for node in (server, a, b):
         (b_trust / f"{node}.pub").write_bytes((keys.trust / f"{node}.pub").read_bytes())
     lab = natlab
-    lab.add_public_host("s1")
-    lab.add_router("ra", nat="cone")
-    lab.add_router("rb", nat="cone")
-    lab.add_host("a", router="ra")
-    lab.add_host("c", router="ra")
-    lab.add_host("b", router="rb")
-    lab.build()
+    build_two_cones(lab, a_side=("a", "c"))
     start_server(lab, keys.flags(server))
     pinned = f"{server}@{SERVER}"
     wb = worker(lab, "b", "b-sec", pinned, ["--key", keys.key(b), "--trust", str(b_trust)])
