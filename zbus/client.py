@@ -98,10 +98,12 @@ class _ClientBase(DataPlane):
         max_frame: int | None = None,
         key_file: str | None = None,
         trust_dir: str | None = None,
+        punch: bool | None = None,
     ) -> None:
         self.config: ClientConfig = load_client_config(
             config, servers=servers, name=name, listen=listen, max_links=max_links, id=id,
             connect_timeout=connect_timeout, max_frame=max_frame, key_file=key_file, trust_dir=trust_dir,
+            punch=punch,
         )
         self.id: str = self.config.id or new_client_id()
         self.name: str = self.config.name

@@ -143,13 +143,15 @@ def main() -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--max-links", type=int, default=64)
     parser.add_argument("--limit-s", type=float, default=170.0, help="bound on the whole run")
+    parser.add_argument("--no-punch", action="store_true", help="punch = false")
     parser.add_argument("--key", default=None, help="security on: this node's key file")
     parser.add_argument("--trust", default=None, help="security on: the directory of trusted public keys")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")  # stderr: the test's log
     deadline = time.monotonic() + args.limit_s
     with zbus.Client(servers=[args.server], name=args.name, max_links=args.max_links,
-                     listen="tcp://0.0.0.0:0", connect_timeout=20.0, key_file=args.key, trust_dir=args.trust) as client:
+                     listen="tcp://0.0.0.0:0", connect_timeout=20.0, key_file=args.key, trust_dir=args.trust,
+                     punch=False if args.no_punch else None) as client:
         receiver = Receiver(client)
         emit("ready", id=client.id)
         peer = ""

@@ -370,3 +370,19 @@ def test_with_curve_a_punched_link_runs_end_to_end_and_an_untrusted_key_is_refus
     assert all(p["kind"] == "relay" for p in paths(wc)), paths(wc)
     wait_until(lambda: "key not in the trust list" in wb.stderr_text(), 20.0, "B to log the refusal of c's key")
     assert "punched pipe to " + c in wb.stderr_text(), "c's pipe was never punched: the refusal was not on it"
+
+
+def test_punch_false_keeps_a_natted_peer_on_the_relay(natlab):
+    """``punch=False`` (config ``punch = false``): A never asks for a rendezvous, so B is never
+    invited; a cone-cone pair that punches in well under a second otherwise stays on the relay."""
+    lab = natlab
+    build_two_cones(lab)
+    start_server(lab)
+    b = worker(lab, "b", "b-nopunch")
+    a = worker(lab, "a", "a-nopunch", extra=["--no-punch"])
+    a.send_line("peer b-nopunch")
+    a.wait_event("peer", timeout=30.0)
+    report = stream(a, b, n=3000, rate=1000, timeout=60.0)
+    assert report["via"] == {"relay": 3000}, report
+    assert all(p["kind"] == "relay" for p in paths(a)), paths(a)
+    assert "punch" not in a.stderr_text() + b.stderr_text()

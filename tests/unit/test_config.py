@@ -45,6 +45,7 @@ def test_zbus_toml_in_the_working_directory_is_found(tmp_path):
 @pytest.mark.parametrize("text, words", [
     ('[client]\nservers = ["tcp://ok:1", "tcp//x"]\n', ["zbus.toml", "client.servers[1]", "'tcp//x'", "tcp://host:port"]),
     ('[client]\nmax_links = "many"\n', ["zbus.toml", "client.max_links", "expected `int`"]),
+    ('[client]\npunch = "no"\n', ["zbus.toml", "client.punch", "expected `bool`"]),
     ('[client]\nservers = "tcp://a:1"\n', ["zbus.toml", "client.servers", "expected `array`"]),
     ('[client]\nbogus = 1\n', ["zbus.toml", "client", "bogus"]),
     ('[client]\nid = "S-1"\n', ["zbus.toml", "client.id", "C-<uuid4>"]),
@@ -78,3 +79,10 @@ def test_bad_env_servers_are_reported_with_their_source(monkeypatch):
 def test_bad_keyword_is_a_config_error():
     with pytest.raises(ConfigError, match="client.max_links"):
         load_client_config(max_links=-1)
+
+
+def test_punching_is_on_by_default_and_off_by_file_or_keyword(tmp_path):
+    assert load_client_config().punch is True
+    path = write(tmp_path, "[client]\npunch = false\n")
+    assert load_client_config(path).punch is False
+    assert load_client_config(path, punch=True).punch is True
