@@ -30,6 +30,7 @@ REQUEST_RETRY_S = 0.25
 RENEW_FOR_S = 2.0  # the requester repeats its request this long into punching (under SESSION_REUSE_S)
 REGISTER_EVERY_S = 20.0  # well under the server's registration TTL (60 s) and the usual NAT UDP timeout
 MAX_DATAGRAM = 65535
+CANCEL_CHECK_S = 0.1  # a punch in progress notices cancellation (the client closing) this fast
 
 
 class PunchFailed(Exception):
@@ -163,11 +164,13 @@ class PunchedPath:
 
 def run_punch(sock: socket.socket, own_id: str, go: wire.PunchGo, rng: random.Random | None = None,
               limits: PunchLimits | None = None, clock: Callable[[], float] = time.monotonic,
-              renew: Callable[[], None] | None = None) -> PunchedPath:
+              renew: Callable[[], None] | None = None,
+              cancelled: Callable[[], bool] = lambda: False) -> PunchedPath:
     """Punch towards ``go.peer`` from ``sock`` (and extra sockets in birthday mode). Raises PunchFailed.
 
     ``renew`` (the requester's): called every REQUEST_RETRY_S while punching, to repeat the request
     to the server, which then repeats the same PunchGo to the peer in case that one was lost.
+    ``cancelled``: checked at least every CANCEL_CHECK_S; when it returns True the punch fails at once.
     """
     rng = rng or random.Random(os.urandom(16))
     core = PunchSession(own_id, go.peer, go.session, go.secret, go.role, go.peer_role, go.controlling,
@@ -180,6 +183,8 @@ def run_punch(sock: socket.socket, own_id: str, go: wire.PunchGo, rng: random.Ra
         next_renew = clock() + REQUEST_RETRY_S
         stop_renewing = clock() + RENEW_FOR_S
         while core.state is State.PUNCHING:
+            if cancelled():
+                raise PunchFailed(None, "cancelled (the client is closing)")
             if renew is not None and next_renew > stop_renewing:
                 renew = None
             if renew is not None and clock() >= next_renew:
@@ -193,7 +198,7 @@ def run_punch(sock: socket.socket, own_id: str, go: wire.PunchGo, rng: random.Ra
             wake = core.next_deadline()
             if renew is not None and wake is not None:
                 wake = min(wake, next_renew)
-            left = 0.0 if wake is None else wake - clock()
+            left = 0.0 if wake is None else min(wake - clock(), CANCEL_CHECK_S)
             readable = select.select(socks, [], [], max(0.0, left))[0] if left > 0 else []
             for s in readable:
                 try:

@@ -36,7 +36,7 @@ from typing import Callable
 
 from . import wire
 from .punchbridge import TARGET_CTL, TARGET_DATA, ProcessBridge, big_buffers
-from .punch_udp import PunchFailed, open_punch_socket, register, renewer, run_punch, wait_go
+from .punch_udp import CANCEL_CHECK_S, PunchFailed, open_punch_socket, register, renewer, run_punch, wait_go
 
 log = logging.getLogger("zbus.punchlink")
 
@@ -51,10 +51,11 @@ def _reuse(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
 
 
-def open_pipe(local_port: int, peer: tuple[str, int], session: bytes, timeout: float = PIPE_OPEN_S) -> socket.socket:
+def open_pipe(local_port: int, peer: tuple[str, int], session: bytes, timeout: float = PIPE_OPEN_S,
+              cancelled: Callable[[], bool] = lambda: False) -> socket.socket:
     """A TCP connection with the peer: simultaneous open from ``local_port`` to ``peer``, or the
     peer's connect accepted on ``local_port``; both ends prove the punch ``session`` first.
-    Raises TimeoutError after ``timeout``."""
+    Raises TimeoutError after ``timeout`` (at once once ``cancelled()``, checked every CANCEL_CHECK_S)."""
     deadline = time.monotonic() + timeout
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     _reuse(listener)
@@ -63,8 +64,9 @@ def open_pipe(local_port: int, peer: tuple[str, int], session: bytes, timeout: f
     listener.setblocking(False)
     conn: socket.socket | None = None
     try:
-        while conn is None and time.monotonic() < deadline:
-            conn = _one_attempt(listener, local_port, peer, min(deadline, time.monotonic() + CONNECT_TRY_S))
+        while conn is None and time.monotonic() < deadline and not cancelled():
+            conn = _one_attempt(listener, local_port, peer, min(deadline, time.monotonic() + CONNECT_TRY_S),
+                                cancelled)
             if conn is not None and not _same_session(conn, session, deadline):
                 conn.close()
                 conn = None
@@ -78,7 +80,8 @@ def open_pipe(local_port: int, peer: tuple[str, int], session: bytes, timeout: f
         listener.close()
 
 
-def _one_attempt(listener: socket.socket, local_port: int, peer: tuple[str, int], until: float) -> socket.socket | None:
+def _one_attempt(listener: socket.socket, local_port: int, peer: tuple[str, int], until: float,
+                 cancelled: Callable[[], bool]) -> socket.socket | None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     _reuse(sock)
     sock.bind(("0.0.0.0", local_port))
@@ -86,8 +89,9 @@ def _one_attempt(listener: socket.socket, local_port: int, peer: tuple[str, int]
     err = sock.connect_ex(peer)
     connecting = err in (0, errno.EINPROGRESS)
     try:
-        while (left := until - time.monotonic()) > 0:
-            readable, writable, _ = select.select([listener], [sock] if connecting else [], [], left)
+        while (left := until - time.monotonic()) > 0 and not cancelled():
+            readable, writable, _ = select.select([listener], [sock] if connecting else [], [],
+                                                  min(left, CANCEL_CHECK_S))
             if listener in readable:
                 try:
                     conn, addr = listener.accept()
@@ -178,10 +182,15 @@ class PunchService:
         if bridge is not None:
             bridge.close()
 
+    def _stopping(self) -> bool:
+        return self._stop
+
     def stop(self) -> None:
         self._stop = True
         self._wake()
-        self._thread.join(PIPE_OPEN_S + PUNCH_TIMEOUT_S + 8.0)  # a punch in progress is bounded
+        # A punch in progress stops within CANCEL_CHECK_S; waiting for the rendezvous answer or a
+        # registration (PUNCH_TIMEOUT_S, 2 s) does not look, so that bounds the wait.
+        self._thread.join(PUNCH_TIMEOUT_S + 2.0)
         with self._lock:
             bridges = list(self.bridges.values())
         for bridge in bridges:
@@ -230,7 +239,7 @@ class PunchService:
             if go is None:
                 go = wait_go(self.sock, self.server, self.client_id, hard, PUNCH_TIMEOUT_S, peer_id=peer)
                 renew = renewer(self.sock, self.server, self.client_id, peer, hard)
-            path = run_punch(self.sock, self.client_id, go, renew=renew)
+            path = run_punch(self.sock, self.client_id, go, renew=renew, cancelled=self._stopping)
             if path.sock is not self.sock:  # a birthday path on an extra socket: no TCP port to match
                 path.sock.close()
                 raise PunchFailed(None, "punched a birthday path (symmetric NAT): TCP cannot follow it; "
@@ -285,7 +294,7 @@ class PunchService:
         helper = threading.Thread(target=answer, name="zbus-punch-answer", daemon=True)
         helper.start()
         try:
-            return open_pipe(self.sock.getsockname()[1], path.peer_addr, session)
+            return open_pipe(self.sock.getsockname()[1], path.peer_addr, session, cancelled=self._stopping)
         finally:
             done.set()
             helper.join(1.0)

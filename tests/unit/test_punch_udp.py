@@ -64,3 +64,29 @@ def test_asking_for_an_unregistered_peer_is_refused_at_once(reflector):
             punch(sock, server, "C-a", "C-nobody", timeout=5.0)
     finally:
         sock.close()
+
+
+def test_a_punch_and_a_pipe_stage_in_progress_end_soon_after_cancellation(reflector):
+    """close() of a client must not wait out a punch (5 s) or the TCP pipe stage (8 s)."""
+    import time
+
+    from zbus.punchlink import open_pipe
+
+    server, _ = reflector
+    a_sock = open_punch_socket("127.0.0.1")
+    silent = open_punch_socket("127.0.0.1")  # registered as C-b, never answers punch packets
+    try:
+        register(silent, server, "C-b")
+        cancel_at = time.monotonic() + 0.3
+        with pytest.raises(PunchFailed, match="cancelled"):
+            punch_go = wait_go(a_sock, server, "C-a", timeout=5.0, peer_id="C-b")
+            run_punch(a_sock, "C-a", punch_go, cancelled=lambda: time.monotonic() >= cancel_at)
+        assert time.monotonic() - cancel_at < 1.0  # the punch deadline is 5 s
+        cancel_at = time.monotonic() + 0.3
+        with pytest.raises(TimeoutError):  # nobody listens there: the stage would take PIPE_OPEN_S
+            open_pipe(a_sock.getsockname()[1], silent.getsockname(), b"s" * 16,
+                      cancelled=lambda: time.monotonic() >= cancel_at)
+        assert time.monotonic() - cancel_at < 1.0
+    finally:
+        for sock in (a_sock, silent):
+            sock.close()
