@@ -167,6 +167,7 @@ class Server:
         assert core is not None
         failed_handshakes, next_handshake_log = 0, 0.0
         next_sweep = 0.0
+        expired_at = 0.0
         paused_total = 0.0  # the core's clock stops while we are not reading, so no one expires
         drained = False  # the last retry moved queued messages out: retry again at once
         while not self._stopping.is_set():
@@ -198,7 +199,7 @@ class Server:
                     on_frames(router, frames, now)
                 else:
                     caught_up = False
-            if now >= next_sweep and caught_up:
+            if now >= next_sweep:
                 next_sweep = now + SWEEP_S
                 if monitor is not None:
                     failed_handshakes += self._count_failed_handshakes(monitor)
@@ -208,7 +209,12 @@ class Server:
                                     "plain-text peer (no key) or one expecting another server key at %s",
                                     failed_handshakes, self.endpoint)
                         failed_handshakes = 0
-                core.expire(now)
+                # Behind on input, a silent-looking client's heartbeat may wait unread: expire only
+                # when caught up, or once expiry has waited a whole client_timeout (a flood that never
+                # lets the input drain must not keep dead clients listed for ever).
+                if caught_up or now - expired_at >= self.config.client_timeout:
+                    core.expire(now)
+                    expired_at = now
                 self.cluster.report(core.stats())
                 core.set_cluster_stats(self.cluster.server_stats())
             for conn in core.take_forgotten():
