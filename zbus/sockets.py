@@ -31,6 +31,13 @@ def context() -> zmq.Context:
         return _context
 
 
+# pyzmq sends a buffer of copy_threshold bytes or more (default 64 KiB) without copying it, but
+# then every send hands the buffer to pyzmq's garbage-collector thread, which wakes once per
+# message to release it: at 64 KiB that costs more (GIL hand-offs, ~20 us per message here) than
+# the copy it saves. Measured on this machine, copying costs the same as zero-copy up to ~1 MiB.
+ZERO_COPY_MIN = 1024 * 1024
+
+
 def tune(sock: zmq.Socket, *, max_frame: int, heartbeat: bool = True,
          heartbeat_timeout_ms: int = HEARTBEAT_TIMEOUT_MS) -> zmq.Socket:
     """Options for a TCP-facing socket: heartbeats, fast reconnect, a hard size cap, no linger.
@@ -56,6 +63,7 @@ def tune(sock: zmq.Socket, *, max_frame: int, heartbeat: bool = True,
     # twice that, so a hostile peer cannot make us buffer without bound.
     sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_frame)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.copy_threshold = ZERO_COPY_MIN
     return sock
 
 
