@@ -42,6 +42,7 @@ from .errors import Backpressure, IdInUse, Refused, Unreachable, ZbusError
 from .ids import new_client_id, new_token
 from .relay import TOKEN_BYTES
 from .routing import Routes, choose_path
+from .sockets import ZERO_COPY_MIN
 from .wire import LINK_INLINE_MAX
 
 _SLICE_MS = 200  # blocking calls wake this often so Ctrl-C, close() and lost servers get through
@@ -133,6 +134,9 @@ class _ClientBase(DataPlane):
         self._ctl.connect(self._engine.ctl_endpoint)
         self._polled: tuple = ()  # the engine's data sockets our poller was built for
         self._hot: zmq.Socket | None = None  # the data socket that delivered last (read first)
+        self._flowing = False  # its last read found a message: read it again without asking first
+        self._items: list = []  # for zmq_poll: every data socket we read (DataPlane._poll_items)
+        self._items_for: Any = None  # the engine's data sockets _items was built for
         # request/reply (dataplane.py): our waiting requests by rid; the handler, its queue, its replies
         self._calls: dict[int, Any] = {}
         self._reply_changed = threading.Condition()
@@ -240,7 +244,6 @@ class Client(_ClientBase):
     def __init__(self, servers: list[str] | None = None, name: str | None = None, **kwargs: Any) -> None:
         super().__init__(servers, name, **kwargs)
         self._rx_lock = threading.Lock()
-        self._poller = zmq.Poller()
         self._serve_wake = threading.Condition()
         self._server_thread: threading.Thread | None = None
         # send()'s wait when its timeout is None; a wait under one SNDTIMEO slice avoids the fast path
@@ -291,7 +294,10 @@ class Client(_ClientBase):
                         _SEND_COPY(sock, _LINK_SEQ_PACK(seq) + data, 0)
                     else:
                         _SEND_COPY(sock, _LINK_SEQ_PACK(seq) if prefix is None else prefix + _SEQ_PACK(0xCF, seq), _MORE)
-                        sock.send(data, 0, copy=False)
+                        if len(data) < ZERO_COPY_MIN:
+                            _SEND_COPY(sock, data, 0)
+                        else:
+                            sock.send(data, 0, copy=False)
                     if self._upkeep_missed:  # the engine could not get the lock from this loop
                         self._upkeep_missed = False
                         self._sender_upkeep(time.monotonic())
@@ -335,8 +341,9 @@ class Client(_ClientBase):
     def recv(self, timeout: float | None = None) -> Message:
         """The next message; raise ``TimeoutError`` after ``timeout`` seconds (None: wait forever)."""
         with self._rx_lock:
-            if self._hot is self._link_in and not self._ready and not self._closed:
-                message = self._read_link()  # a stream over a link: straight to its socket
+            if self._flowing and not self._ready and not self._closed:  # a stream: straight to its socket
+                hot = self._hot
+                message = self._read_link() if hot is self._link_in else self._read_relay(hot)
                 if message is not None:
                     return message
             deadline = None
@@ -349,21 +356,15 @@ class Client(_ClientBase):
                 if deadline is None and timeout is not None:
                     deadline = time.monotonic() + timeout
                 left_ms = _SLICE_MS if deadline is None else int(max(0.0, deadline - time.monotonic()) * 1000)
-                if not self._poll(min(left_ms, _SLICE_MS)) and deadline is not None \
-                        and time.monotonic() >= deadline:
+                message = self._read_ready(min(left_ms, _SLICE_MS))
+                if message is not None:
+                    return message
+                if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"no message within {timeout}s")
 
     def _poll(self, timeout_ms: int) -> bool:
         """Wait until a data socket is readable (the receive lock is held); True if one is."""
-        if self._poll_set_changed():
-            self._poller = zmq.Poller()
-            self._poller.register(self._engine.link_in, zmq.POLLIN)
-            for data in self._polled:
-                self._poller.register(data.inn, zmq.POLLIN)
-        ready = self._poller.poll(timeout_ms)
-        if ready:
-            self._hot = ready[0][0]
-        return bool(ready)
+        return bool(zmq.backend.zmq_poll(self._poll_items(), timeout_ms))
 
     def request(self, dst: str, data: bytes, timeout: float | None = None) -> bytes:
         """Send ``data`` to the request handler of the client ``dst`` (an Id); return its reply.

@@ -22,7 +22,7 @@ from . import wire
 from .delivery import RTO_MIN_RELAY, SendStream
 from .errors import RemoteError, ZbusError
 from .routing import choose_path
-from .sockets import recv_frames_rest
+from .sockets import ZERO_COPY_MIN, recv_frames_rest
 from .wire import CONTROL_SEQ, LINK_CONTROL_SEQ, LINK_INLINE_MAX, LINK_SEQ, DropReason, data_header_prefix
 
 _HEADER_CACHE_MAX = 4096
@@ -37,10 +37,11 @@ _SEQ_PACK = struct.Struct(">BQ").pack  # wire.data_header's tail, inlined on the
 _LINK_SEQ_PACK = LINK_SEQ.pack
 _LINK_SEQ_UNPACK = LINK_SEQ.unpack_from
 _U64_AT = struct.Struct(">Q").unpack_from
-_EVENTS = int(zmq.EVENTS)
 # pyzmq's Socket.send wrapper (copy thresholds, routing ids) costs ~0.7 us; small copied frames
 # (headers, a link's seq + small payload) go straight to the backend's send.
 _SEND_COPY = zmq.backend.Socket.send
+_RECV = zmq.backend.Socket.recv  # the same for receives: (socket, flags, copy)
+_ZMQ_POLL = zmq.backend.zmq_poll  # zmq.Poller.poll without its Python wrapper: [(socket, events)], ms
 _RCVMORE = int(zmq.RCVMORE)
 _POLLIN = int(zmq.POLLIN)
 ACK_REQUEST_RETRY_S = 0.5  # a waiting sender asks again this often
@@ -187,13 +188,13 @@ class DataPlane:
     def _put(sock: zmq.Socket, prefix: bytes | None, seq: int, payload: Any, more: int) -> None:
         """One message onto a relay (``prefix``: its Data header without seq) or link (None) socket.
         Raises zmq.Again, with nothing sent, if the socket is full; the last frame never blocks."""
-        if prefix is not None:
-            sock.send(prefix + _SEQ_PACK(0xCF, seq), more)
-            sock.send(payload, 0, copy=False)
-        elif 0 < len(payload) <= LINK_INLINE_MAX:
-            sock.send(_LINK_SEQ_PACK(seq) + payload, more & ~_MORE)
+        if prefix is None and 0 < len(payload) <= LINK_INLINE_MAX:
+            _SEND_COPY(sock, _LINK_SEQ_PACK(seq) + payload, more & ~_MORE)
+            return
+        _SEND_COPY(sock, _LINK_SEQ_PACK(seq) if prefix is None else prefix + _SEQ_PACK(0xCF, seq), more)
+        if len(payload) < ZERO_COPY_MIN:
+            _SEND_COPY(sock, payload, 0)
         else:
-            sock.send(_LINK_SEQ_PACK(seq), more)
             sock.send(payload, 0, copy=False)
 
     @staticmethod
@@ -309,29 +310,46 @@ class DataPlane:
         """A message if one is waiting on any data socket, without blocking.
 
         The hot path of every receive: two or three frame reads, one header decode, no thread hop.
-        The socket that delivered last is read first; the others are asked for readiness first
-        (an empty read raises zmq.Again, which costs several times more than asking).
+        An empty read raises zmq.Again, which costs more (~3 us here) than a whole message, so a
+        socket is read blindly only while it is ``_flowing`` (its last read found a message and
+        more may wait); otherwise one zmq_poll(0) over all data sockets says which to read.
         """
         if self._ready:
             return self._ready.popleft()
-        engine = self._engine
-        hot = self._hot
-        if hot is not None:
-            message = self._read_link() if hot is engine.link_in else self._read_relay(hot)
+        if self._flowing:
+            hot = self._hot
+            message = self._read_link() if hot is self._link_in else self._read_relay(hot)
             if message is not None:
                 return message
-        for sock in (engine.link_in, *[data.inn for data in engine.data]):
-            if sock is hot or not sock.getsockopt(_EVENTS) & _POLLIN:
-                continue
-            message = self._read_link() if sock is engine.link_in else self._read_relay(sock)
+        for sock, _ in _ZMQ_POLL(self._poll_items(), 0):
+            message = self._read_link() if sock is self._link_in else self._read_relay(sock)
             if message is not None:
-                self._hot = sock
+                self._hot, self._flowing = sock, True
                 return message
         if self._receiver.gapped:
             for src, released in self._receiver.skip_gaps(time.monotonic()):
                 self._ready.extend(Message(src, bytes(frame), via) for frame, via in released)
             if self._ready:
                 return self._ready.popleft()
+        return None
+
+    def _poll_items(self) -> list:
+        """[(socket, POLLIN)] for every data socket we read (the link listener, each server's data_in)."""
+        data = self._engine.data
+        if self._items_for is not data:
+            self._items_for = data
+            self._items = [(self._link_in, _POLLIN), *[(d.inn, _POLLIN) for d in data]]
+        return self._items
+
+    def _read_ready(self, timeout_ms: int) -> Message | None:
+        """Wait up to ``timeout_ms`` for a data socket to be readable, then read it (None: nothing came,
+        or what came was not for ``recv``). The read is not marked ``_flowing``: after a wait, the
+        next message is more likely not there yet, and an empty read costs more than asking."""
+        for sock, _ in _ZMQ_POLL(self._poll_items(), timeout_ms):
+            message = self._read_link() if sock is self._link_in else self._read_relay(sock)
+            if message is not None:
+                self._hot = sock
+                return message
         return None
 
     def _read_link(self, _new=tuple.__new__, _Message=Message) -> Message | None:
@@ -350,6 +368,7 @@ class DataPlane:
             try:
                 token = recv(_NOBLOCK)
             except zmq.Again:
+                self._flowing = False
                 return None
             frame = recv(_NOBLOCK)  # the rest of a message is there once its first frame is
             if len(frame) == 8:
@@ -382,27 +401,40 @@ class DataPlane:
             if message is not None:
                 return message
 
-    def _read_relay(self, sock: zmq.Socket) -> Message | None:
-        """A server's data_in: [Data header, payload]; the server stamped the source."""
+    def _read_relay(self, sock: zmq.Socket, _new=tuple.__new__, _Message=Message) -> Message | None:
+        """A server's data_in: [Data header, payload]; the server stamped the source.
+
+        Both frames are read as Frames (their ``more`` flags give the framing: a lone frame, or a
+        message of more than two, is dropped and counted once); the payload then becomes bytes,
+        the one copy there has to be (Message.data is bytes).
+        """
+        recv = _RECV
         while True:
             try:
-                head = sock.recv(_NOBLOCK, copy=False)
+                head = recv(sock, _NOBLOCK, False)
             except zmq.Again:
+                self._flowing = False
                 return None
             if not head.more:
                 self._drop(DropReason.MALFORMED)
                 continue
-            payload = sock.recv(_NOBLOCK, copy=False)
-            if payload.more:
+            frame = recv(sock, _NOBLOCK, False)  # the rest of a message is there once its first frame is
+            if frame.more:
                 recv_frames_rest(sock)
                 self._drop(DropReason.MALFORMED)
                 continue
+            payload = frame.bytes
             raw = head.bytes
             # A header seen before but for its seq (a server's remembered route ends in a 9-byte
             # uint64): the source is a function of those bytes, so no msgpack decode is needed.
             src = self._relay_sources.get(raw[:-9]) if raw[-9:-8] == b"\xcf" else None
             if src is not None:
                 seq = _U64_AT(raw, len(raw) - 8)[0]
+                stream = self._receiver.streams.get(src)
+                if stream is not None and seq == stream.expected and not stream.early \
+                        and len(payload) <= self._max_frame:
+                    stream.expected = seq + 1  # Receiver.accept's in-order case, inlined (the hot path)
+                    return _new(_Message, (src, payload, "relay"))
             else:
                 try:
                     header = wire.decode(raw)

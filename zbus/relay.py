@@ -113,9 +113,9 @@ class ServerCore:
                 routes[raw[:-SEQ_TAIL]] = (dst.data_in, stamped)
         return dst.data_in, out
 
-    def count_relayed(self, size: int) -> None:
-        """A message routed by :meth:`fast_route`'s answer."""
-        self.relayed_msgs += 1
+    def count_relayed(self, msgs: int, size: int) -> None:
+        """Messages routed by :meth:`fast_route`'s answer, and their payload bytes."""
+        self.relayed_msgs += msgs
         self.relayed_bytes += size
 
     def is_receiver(self, conn: bytes) -> bool:

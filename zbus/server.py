@@ -27,7 +27,6 @@ import zmq
 import zmq.backend
 
 from . import sockets, wire
-from .sockets import recv_frames
 from .cluster import RaftCluster
 from .config import ServerConfig, load_server_config, parse_endpoint, server_limits
 from .guard import RateLimiter
@@ -45,6 +44,7 @@ POLL_MS = 50  # idle poll; also bounds how long stop() takes
 NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq's IntFlag arithmetic costs more than the send
 NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _SEND = zmq.backend.Socket.send  # pyzmq's Socket.send without its Python wrapper (small copied frames)
+_RECV = zmq.backend.Socket.recv  # the same for receives: (socket, flags, copy)
 RETRY_MS = 1  # poll while messages wait for a full pipe
 SWEEP_S = 0.5  # how often silent clients are expired
 ATTACH_GRACE_S = 5.0  # how long messages wait for a registered client's data connection to (re)appear (lossy links: SYN retries at 1 s, 3 s)
@@ -190,15 +190,7 @@ class Server:
             now = time.monotonic() - paused_total
             caught_up = True  # everything that arrived is read (a heartbeat may wait in what is not)
             if ready and not paused:
-                on_frames = self._on_frames
-                for _ in range(BATCH):
-                    try:
-                        frames = recv_frames(router)
-                    except zmq.Again:
-                        break
-                    on_frames(router, frames, now)
-                else:
-                    caught_up = False
+                caught_up = self._read_batch(router, now)
             if now >= next_sweep:
                 next_sweep = now + SWEEP_S
                 if monitor is not None:
@@ -240,39 +232,70 @@ class Server:
             count += 1
         return count
 
-    def _on_frames(self, router: zmq.Socket, frames: list[zmq.Frame], now: float) -> None:
+    def _read_batch(self, router: zmq.Socket, now: float) -> bool:
+        """Read and handle up to BATCH messages; True if that drained the input.
+
+        The relay's hot path is inlined here: a [conn, Data header, payload] on a route already
+        checked (ServerCore.fast_routes) is forwarded with one dict lookup, its header's route part
+        swapped for the destination's; everything else goes to _on_frames. The connection id is
+        read as bytes (a ROUTER's first frame always has more after it), header and payload as
+        Frames (their ``more`` flags give the framing; the payload is forwarded without a copy).
+        """
         core = self.core
-        conn = frames[0].bytes
+        fast_routes, forward, on_frames, max_frame = core.fast_routes, self._forward, self._on_frames, self.max_frame
+        recv = _RECV
+        relayed = relayed_bytes = 0
+        try:
+            for _ in range(BATCH):
+                try:
+                    conn = recv(router, NOBLOCK)
+                except zmq.Again:
+                    return True
+                head = recv(router, NOBLOCK, False)  # the rest of a message is there once its first frame is
+                frames = [head]
+                if head.more:
+                    payload = recv(router, NOBLOCK, False)
+                    frames.append(payload)
+                    if not payload.more:
+                        routes = fast_routes.get(conn)
+                        if routes is not None:
+                            raw = head.bytes
+                            hit = routes.get(raw[:-SEQ_TAIL])
+                            if hit is not None and raw[-SEQ_TAIL] == 0xCF and len(payload) <= max_frame:
+                                relayed += 1
+                                relayed_bytes += len(payload)
+                                forward(router, hit[0], hit[1] + raw[-SEQ_TAIL:], payload, now)
+                                continue
+                    else:
+                        while frames[-1].more:
+                            frames.append(recv(router, NOBLOCK, False))
+                on_frames(router, conn, frames, now)
+            return False
+        finally:
+            core.count_relayed(relayed, relayed_bytes)
+
+    def _on_frames(self, router: zmq.Socket, conn: bytes, frames: list[zmq.Frame], now: float) -> None:
+        """One message from connection ``conn``: its frames after the connection id."""
+        core = self.core
         if wire.oversized(frames, self.max_frame):
             return self._bad(conn, DropReason.OVERSIZED, f"a frame over max_frame={self.max_frame}")
-        if len(frames) < 2:
-            return self._bad(conn, DropReason.MALFORMED, "no header frame")
-        if len(frames[1]) > self.max_header:
+        if len(frames[0]) > self.max_header:
             return self._bad(conn, DropReason.OVERSIZED, f"a header frame over max_header={self.max_header}")
-        if len(frames) == 3:  # the hot path: a Data on a route already checked (ServerCore.fast_routes)
-            routes = core.fast_routes.get(conn)
-            if routes is not None:
-                raw = frames[1].bytes
-                hit = routes.get(raw[:-SEQ_TAIL])
-                if hit is not None and raw[-SEQ_TAIL] == 0xCF:
-                    payload = frames[2]
-                    core.count_relayed(len(payload))
-                    return self._forward(router, hit[0], hit[1] + raw[-SEQ_TAIL:], payload, now)
         try:
-            header = wire.decode(frames[1].buffer)
+            header = wire.decode(frames[0].buffer)
         except wire.WireError as exc:
             return self._bad(conn, exc.reason, str(exc))
         if header.__class__ is wire.Data:
-            if len(frames) != 3:
+            if len(frames) != 2:
                 return self._bad(conn, DropReason.MALFORMED, "Data without exactly one payload frame")
-            routed = core.relay(conn, header, len(frames[2]), frames[1].bytes)
+            routed = core.relay(conn, header, len(frames[1]), frames[0].bytes)
             if routed is not None:
-                self._forward(router, routed[0], routed[1], frames[2], now)
+                self._forward(router, routed[0], routed[1], frames[1], now)
             return
-        if len(frames) != 2:
+        if len(frames) != 1:
             return self._bad(conn, DropReason.MALFORMED, f"{type(header).__name__} with a payload frame")
         if self.security is not None and header.__class__ is wire.Hello:
-            why = claim_refusal(header.id, peer_id(frames[1]))  # the Id ZAP bound to the connection's key
+            why = claim_refusal(header.id, peer_id(frames[0]))  # the Id ZAP bound to the connection's key
             if why is not None:
                 self._bad(conn, DropReason.REFUSED, f"refused a Hello: {why}")
                 refusal = wire.encode(wire.Error("not-your-id", f"server {self.id} refused {header.id}: {why}"))
