@@ -100,11 +100,12 @@ class _ClientBase(DataPlane):
         key_file: str | None = None,
         trust_dir: str | None = None,
         punch: bool | None = None,
+        prelink: bool | None = None,
     ) -> None:
         self.config: ClientConfig = load_client_config(
             config, servers=servers, name=name, listen=listen, max_links=max_links, id=id,
             connect_timeout=connect_timeout, max_frame=max_frame, key_file=key_file, trust_dir=trust_dir,
-            punch=punch,
+            punch=punch, prelink=prelink,
         )
         self.id: str = self.config.id or new_client_id()
         self.name: str = self.config.name
@@ -449,7 +450,7 @@ class Client(_ClientBase):
         self._engine.set_max_links(max_links)
 
     def wait_link(self, name_or_id: str, timeout: float = 5.0) -> bool:
-        """Wait until a direct link to ``name_or_id`` is up (the peer must have been sent to)."""
+        """Wait until a direct link to ``name_or_id`` is up (one that was sent to, or a prelink)."""
         return self._engine.wait_for(lambda r: self._knows(name_or_id) and self._resolve(name_or_id) in r.links,
                                      timeout)
 
@@ -669,7 +670,7 @@ class AsyncClient(_ClientBase):
         self._engine.set_max_links(max_links)
 
     async def wait_link(self, name_or_id: str, timeout: float = 5.0) -> bool:
-        """Wait until a direct link to ``name_or_id`` is up (the peer must have been sent to)."""
+        """Wait until a direct link to ``name_or_id`` is up (one that was sent to, or a prelink)."""
         return await asyncio.to_thread(
             self._engine.wait_for, lambda r: self._knows(name_or_id) and self._resolve(name_or_id) in r.links, timeout)
 

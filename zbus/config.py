@@ -51,6 +51,7 @@ class ClientConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     id: str | None = None
     listen: str = "tcp://0.0.0.0:0"
     max_links: int = 64
+    prelink: bool = True  # fill room under max_links with links to listed peers not sent to yet
     punch: bool = True  # try NAT hole punching (docs/nat.md) for peers no direct link reaches
     max_frame: int = DEFAULT_MAX_FRAME
     connect_timeout: float = 5.0  # seconds a new Client waits for its first server

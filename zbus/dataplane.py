@@ -149,8 +149,10 @@ class DataPlane:
                 return _NO_SOCKET
         prefix = self._prefix(dst) if path.__class__ is int else None
         if path != stream.path:
-            if path.__class__ is int and dst not in self._wanted:
-                self._wanted.add(dst)  # a peer we send to by relay: the engine will try to link to it
+            if dst not in self._wanted:
+                # A peer we send to: the engine links to it (by relay now), or keeps its link ahead of
+                # prelinked peers (a prelink already carries it).
+                self._wanted.add(dst)
                 engine.wanted.append(dst)
                 if self.config.max_links:
                     try:

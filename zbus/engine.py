@@ -102,7 +102,7 @@ class Engine:
         self.data: tuple[DataSockets, ...] = tuple(
             self._open_data(ep, config.server_ids.get(ep)) for ep in config.servers)
         data_port = int(self.link_in.getsockopt_string(zmq.LAST_ENDPOINT).rpartition(":")[2])
-        self.links = LinkCore(client_id, random.Random(), config.max_links, data_port)
+        self.links = LinkCore(client_id, random.Random(), config.max_links, data_port, prelink=config.prelink)
         self.links.can_punch = bool(config.servers) and config.punch
         self.link_out: dict[str, zmq.Socket] = {}  # peer -> data DEALER (replaced, never mutated)
         self.tokens: dict[bytes, tuple[str, str]] = {}  # data token on link_in -> (peer Id, via) (replaced)

@@ -14,7 +14,12 @@ link's RTT; no Pong for :data:`LINK_TIMEOUT` closes the link (the sender falls b
 listener forgets a link that sent nothing for :data:`LINK_TIMEOUT` + 1 s, or at once on LinkBye.
 
 Links are opened to peers this client sends to, in the order it first sent to them, up to
-``max_links`` (0: relay only); a peer that leaves every server's list loses its link.
+``max_links`` (0: relay only); a peer that leaves every server's list loses its link. Room left
+under ``max_links`` is filled with links to other listed peers (``prelink``, the seed's "connect to
+as many clients as the configured maximum allows"), so a first message to them is already direct:
+only peers reachable without punching, not already linked to us, in an order of our own (each
+client spreads its links differently), at most :data:`PRELINK_DIALS` handshakes at a time. These
+links give way to peers we send to: when ``max_links`` is reached, a new destination replaces one.
 
 Punched links (:mod:`zbus.punchlink`) are the same links dialed through a loopback bridge: when a
 peer is behind a NAT other than ours (:func:`needs_punch`), the core asks for a punch
@@ -27,6 +32,8 @@ The core returns actions for the engine (:class:`Dial`, :class:`OpenData`, :clas
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import random
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, NamedTuple, Union
@@ -40,6 +47,9 @@ INCOMING_TIMEOUT = LINK_TIMEOUT + 1.0  # the listener forgets a silent link afte
 RETRY_MIN = 1.0  # backoff before retrying a peer whose every address failed
 RETRY_MAX = 30.0
 TOKEN_BYTES = 16
+PRELINK_DIALS = 2  # links to peers we have not sent to: handshakes in flight at once
+PRELINK_ORDER_MAX = 100_000  # cached places in that order (peers seen); cleared when full
+PRELINK_SCAN_S = 1.0  # the client lists are searched for new such peers at most this often
 _WILDCARD_HOSTS = ("0.0.0.0", "*", "[::]", "::")
 
 
@@ -124,6 +134,7 @@ class OutLink:
     kind: str = "direct"  # "direct" | "punched" (dialed at a loopback bridge)
     shown: str = ""  # the address users see (a punched link: the peer's punched endpoint)
     data_endpoint: str = ""  # where the data connection goes, when not the dialed host (punched)
+    prelinked: bool = False  # opened to fill max_links, not because we sent to the peer
 
     @property
     def address(self) -> str:
@@ -162,6 +173,9 @@ class LinkCore:
     pipes: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # peer -> (ctl, data, shown)
     punching: dict[str, float] = field(default_factory=dict)  # peer -> when we asked for a punch
     punched_in: set[str] = field(default_factory=set)  # peers with a pipe (their links to us are punched)
+    prelink: bool = True  # fill room under max_links with links to listed peers we have not sent to
+    prelink_scan_at: float = 0.0  # when the lists may next be searched for new prelinks
+    prelink_order: dict[str, bytes] = field(default_factory=dict)  # peer -> its place in our order
 
     # -- decisions ----------------------------------------------------------------------------
     def want(self, peers: Iterable[str]) -> None:
@@ -180,8 +194,14 @@ class LinkCore:
         actions: list[Action] = []
         target = [p for p in self.wanted if p in clients][: self.max_links]  # (a peer may come back)
         keep = set(target)
+        prelinks = self._prelinks(clients, keep, now, own) if self.prelink else []
+        keep.update(prelinks)
         for peer in [p for p in self.out if p not in keep]:
             actions += self._close(peer)
+        for peer in prelinks:
+            if peer not in self.out:
+                link = OutLink(peer, link_addresses(clients[peer].net), prelinked=True)
+                actions += self._dial(link, now)
         for peer in target:
             if peer in self.out:
                 continue
@@ -202,6 +222,40 @@ class LinkCore:
             if candidates:
                 actions += self._dial(OutLink(peer, candidates), now)
         return actions
+
+    def _prelinks(self, clients: Mapping[str, wire.ClientInfo], wanted: set[str], now: float,
+                  own: wire.NetState | None) -> list[str]:
+        """Peers to link to beyond ``wanted``, up to ``max_links`` in all: those already linked (no
+        churn), then new ones, at most PRELINK_DIALS handshakes in flight."""
+        room = self.max_links - len(wanted)
+        if room <= 0:
+            return []
+        chosen = [p for p, link in self.out.items() if link.prelinked and p not in wanted and p in clients][:room]
+        dialing = sum(1 for p in chosen if self.out[p].state == "dialing")
+        if len(chosen) >= room or dialing >= PRELINK_DIALS or now < self.prelink_scan_at:
+            return chosen
+        self.prelink_scan_at = now + PRELINK_SCAN_S
+        taken = wanted.union(chosen, (link.peer for link in self.incoming.values()))
+        fresh = []
+        for peer, info in clients.items():
+            if peer in taken or peer == self.my_id or not info.net.listen:
+                continue
+            when = self.retry_at.get(peer)
+            if (when is not None and now < when[0]) or (self.can_punch and needs_punch(own, info.net)):
+                continue
+            fresh.append(peer)
+        return chosen + heapq.nsmallest(min(room - len(chosen), PRELINK_DIALS - dialing), fresh,
+                                        key=self._prelink_order)
+
+    def _prelink_order(self, peer: str) -> bytes:
+        """A fixed order of peers that differs from client to client (so links spread evenly)."""
+        order = self.prelink_order.get(peer)
+        if order is None:
+            if len(self.prelink_order) >= PRELINK_ORDER_MAX:
+                self.prelink_order.clear()
+            order = self.prelink_order[peer] = hashlib.blake2b(peer.encode(), digest_size=8,
+                                                               key=self.my_id.encode()[:64]).digest()
+        return order
 
     def _dial(self, link: OutLink, now: float) -> list[Action]:
         self.out[link.peer] = link

@@ -93,6 +93,34 @@ def test_three_clients_on_two_servers_link_directly_and_peers_shows_the_links(st
 
 
 @pytest.mark.timeout(60)
+def test_room_under_max_links_is_filled_before_the_first_message_and_gives_way_to_destinations(
+        start_server, clients):
+    server = start_server("s1")
+    alice = connect(clients, [server], "alice", max_links=2)
+    others = [connect(clients, [server], name, prelink=False) for name in ("bob", "carol", "dave")]
+    ids = [alice.wait_peer(o.name, 5.0) for o in others]
+    # Alice never sent to anyone: two of the three get links anyway (max_links=2), before any message.
+    wait_until(lambda: len([p for p in alice.peers().values() if p.via == "direct"]) == 2, 10.0,
+               "alice's links filled up to max_links")
+    linked = [i for i in ids if alice.peers()[i].via == "direct"]
+    for other in others:
+        assert other.peers()[alice.id].via == "relay"  # prelink=False: they only link to whom they send to
+    # So the first message to a linked peer already goes direct.
+    target = next(o for o in others if o.id == linked[0])
+    alice.send(target.id, b"first")
+    assert target.recv(timeout=5.0) == zbus.Message(alice.id, b"first", "direct")
+    # Sending to the peer without a link: it takes the place of the other prelinked one.
+    unlinked = next(o for o in others if o.id not in linked)
+    for i in range(100):
+        alice.send(unlinked.id, b"%d" % i)
+    assert alice.wait_link(unlinked.id, 5.0)
+    wait_until(lambda: {i for i, p in alice.peers().items() if p.via == "direct"} == {target.id, unlinked.id}, 5.0,
+               "the destination replaced the other prelinked peer (max_links holds)")
+    got = [unlinked.recv(timeout=5.0) for _ in range(100)]
+    assert [m.data for m in got] == [b"%d" % i for i in range(100)]  # nothing lost or reordered on the switch
+
+
+@pytest.mark.timeout(60)
 def test_max_links_zero_keeps_every_message_on_the_relay(start_server, clients):
     server = start_server("s1")
     alice = connect(clients, [server], "alice", max_links=0)

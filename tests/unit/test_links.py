@@ -8,6 +8,8 @@ from zbus import wire
 from zbus.links import (
     HANDSHAKE_TIMEOUT,
     LINK_TIMEOUT,
+    PRELINK_DIALS,
+    PRELINK_SCAN_S,
     Close,
     Dial,
     LinkCore,
@@ -24,8 +26,8 @@ def info(client_id: str, listen: str, private=("10.0.0.7", "127.0.0.1")) -> wire
     return wire.ClientInfo(client_id, client_id[-1], wire.NetState(private=list(private), listen=listen))
 
 
-def core(me: str, max_links: int = 64) -> LinkCore:
-    return LinkCore(me, random.Random(1), max_links, data_port=5000)
+def core(me: str, max_links: int = 64, prelink: bool = False) -> LinkCore:
+    return LinkCore(me, random.Random(1), max_links, data_port=5000, prelink=prelink)
 
 
 def handshake(dialer: LinkCore, listener: LinkCore, clients_of_listener: dict, now: float = 0.0):
@@ -110,3 +112,79 @@ def test_a_peer_that_left_every_list_loses_its_link():
     closes = a.plan({}, 1.0)
     assert [type(x) for x in closes] == [Close] and closes[0].bye is not None
     assert a.up_links() == {}
+
+
+def _listed(count: int) -> dict:
+    return {f"C-p{i}": info(f"C-p{i}", f"tcp://127.0.0.1:{4000 + i}") for i in range(count)}
+
+
+def _bring_up(dialer: LinkCore, peer: str, now: float) -> None:
+    """Answer the dialer's pending handshake with ``peer`` as a listener that knows it would."""
+    listener = core(peer)
+    link = dialer.out[peer]
+    hello = wire.LinkHello(dialer.my_id, peer, link.nonce, link.token)
+    reply = listener.on_listener(b"conn-" + peer.encode(), hello, {dialer.my_id: info(dialer.my_id, "")}, now)
+    dialer.on_link_message(peer, wire.decode(reply[0].header), now)
+
+
+def test_room_under_max_links_is_filled_with_listed_peers_a_few_handshakes_at_a_time():
+    clients = _listed(6)
+    a = core(A, max_links=3, prelink=True)
+    first = [x.peer for x in a.plan(clients, 0.0) if isinstance(x, Dial)]
+    assert len(first) == PRELINK_DIALS  # not all at once
+    assert [x for x in a.plan(clients, 0.1) if isinstance(x, Dial)] == []  # still dialing those
+    for peer in first:
+        _bring_up(a, peer, 0.2)
+    assert set(a.up_links()) == set(first)
+    assert [x for x in a.plan(clients, 0.3) if isinstance(x, Dial)] == []  # the next search waits a while
+    more = [x.peer for x in a.plan(clients, PRELINK_SCAN_S + 0.1) if isinstance(x, Dial)]
+    assert len(more) == 1 and more[0] not in first  # up to max_links = 3 in all
+    _bring_up(a, more[0], PRELINK_SCAN_S + 0.2)
+    assert [x for x in a.plan(clients, 10.0) if isinstance(x, Dial)] == []  # full: nothing more
+    assert len(a.up_links()) == 3
+    # Another client fills its links in another order (links spread over the fleet).
+    orders = {tuple(x.peer for x in core(f"C-x{i}", 3, True).plan(clients, 0.0) if isinstance(x, Dial))
+              for i in range(8)}
+    assert len(orders) > 1
+
+
+def test_a_peer_we_send_to_takes_the_place_of_a_prelinked_one():
+    clients = _listed(4)
+    a = core(A, max_links=2, prelink=True)
+    prelinked = [x.peer for x in a.plan(clients, 0.0) if isinstance(x, Dial)]
+    for peer in prelinked:
+        _bring_up(a, peer, 0.1)
+    other = next(p for p in clients if p not in prelinked)
+    a.want([other])
+    actions = a.plan(clients, 0.2)
+    closed = [x.peer for x in actions if isinstance(x, Close)]
+    assert [x.peer for x in actions if isinstance(x, Dial)] == [other]
+    assert len(closed) == 1 and closed[0] in prelinked  # max_links holds: one prelink made room
+    a.want([prelinked[0]])  # sending to a prelinked peer keeps its link as a wanted one
+    assert len(a.out) == 2 and other in a.out
+
+
+def test_prelinks_skip_peers_that_linked_to_us_need_a_punch_or_do_not_listen():
+    clients = _listed(3)
+    clients["C-nolisten"] = info("C-nolisten", "")
+    natted = wire.NetState(private=["10.1.0.5"], listen="tcp://0.0.0.0:4100", public=["198.51.100.9:5000"])
+    clients["C-natted"] = wire.ClientInfo("C-natted", "n", natted)
+    own = wire.NetState(private=["10.2.0.5"], listen="tcp://0.0.0.0:4200", public=["198.51.100.20:6000"])
+    a = core(A, max_links=10, prelink=True)
+    a.can_punch = True
+    b = core("C-p0")  # C-p0 linked to A first
+    b.want([A])
+    hello = [x for x in b.plan({A: info(A, "tcp://127.0.0.1:4999")}, 0.0) if isinstance(x, Dial)][0].hello
+    a.on_listener(b"conn-b", wire.decode(hello), {"C-p0": clients["C-p0"]}, 0.0)
+    dialed = set()
+    for step in range(4):
+        dialed |= {x.peer for x in a.plan(clients, step * (PRELINK_SCAN_S + 0.1), own) if isinstance(x, Dial)}
+        for peer in [p for p, link in a.out.items() if link.state == "dialing"]:
+            _bring_up(a, peer, step * (PRELINK_SCAN_S + 0.1) + 0.05)
+    assert dialed == {"C-p1", "C-p2"}
+
+
+def test_prelink_off_and_max_links_zero_open_nothing_unasked():
+    clients = _listed(3)
+    assert core(A, max_links=3, prelink=False).plan(clients, 0.0) == []
+    assert core(A, max_links=0, prelink=True).plan(clients, 0.0) == []
