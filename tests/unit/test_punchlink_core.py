@@ -16,8 +16,8 @@ PUBLIC_B = wire.NetState(private=["203.0.113.20"], public=["203.0.113.20:6000"],
 SAME_NAT_B = wire.NetState(private=["10.1.0.3"], public=["203.0.113.101:7000"], listen="tcp://0.0.0.0:4000")
 
 
-def core(me: str) -> LinkCore:
-    link_core = LinkCore(me, random.Random(1), 64, data_port=5000)
+def core(me: str, prelink: bool = False) -> LinkCore:
+    link_core = LinkCore(me, random.Random(1), 64, data_port=5000, prelink=prelink)
     link_core.can_punch = True
     return link_core
 
@@ -42,6 +42,8 @@ def test_a_nated_peer_gets_one_punch_request_not_a_dial_and_a_failure_backs_off(
     assert a.plan(clients, 3.0, NATED_A) == [PunchWanted(B)]
     b_public = {B: wire.ClientInfo(B, "b", PUBLIC_B)}
     assert [x.__class__ for x in core(A).plan(b_public, 0.0, NATED_A)] == []  # not wanted yet
+    assert [x.__class__ for x in core(A, prelink=True).plan(b_public, 0.0, NATED_A)] == [Dial]  # a prelink
+    assert core(A, prelink=True).plan(clients, 0.0, NATED_A) == []  # no prelink needs a punch
     direct = core(A)
     direct.want([B])
     assert [x.__class__ for x in direct.plan(b_public, 0.0, NATED_A)] == [Dial]
