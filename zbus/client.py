@@ -261,8 +261,9 @@ class Client(_ClientBase):
     def send(self, dst: str, data: bytes, ack: bool = False, timeout: float | None = None) -> None:
         """Send ``data`` to the client ``dst`` by the best path. Blocks only under backpressure.
 
-        Raises ``Unreachable`` if no path to ``dst`` is known, ``Disconnected`` if no server is.
-        When the path stays full for ``timeout`` seconds (None: the ``send_timeout`` config key,
+        Raises ``Unreachable`` if no path to ``dst`` is known, ``Disconnected`` if no server is,
+        ``ValueError`` if ``data`` is over ``max_frame`` (ours, or that of the server that would
+        relay it), with nothing sent. When the path stays full for ``timeout`` seconds (None: the ``send_timeout`` config key,
         10 s; 0: do not wait) raises ``Backpressure``, with nothing of the message sent.
         ``ack=True``: return only once ``dst`` has received the message (repeated over any path,
         delivered once); ``TimeoutError`` if that did not happen within ``timeout`` (which covers
@@ -284,8 +285,8 @@ class Client(_ClientBase):
     def _send_one(self, dst: str, data: bytes, timeout: float | None = None) -> int:
         with self._tx_lock:
             fast = self._fast.get(dst)
-            if fast is not None and fast[0] is self._engine.routes and not self._closed:
-                _, sock, prefix, stream = fast  # same Routes, so the same path: no choice to make
+            if fast is not None and fast[0] is self._engine.routes and len(data) <= fast[4] and not self._closed:
+                _, sock, prefix, stream, _ = fast  # same Routes, so the same path: no choice to make
                 acked = self._engine.acked.get(dst)
                 if acked is not None and acked > stream.acked:
                     stream.ack(acked)

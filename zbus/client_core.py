@@ -40,6 +40,7 @@ class ServerSession:
         self.state = SessionState.DOWN
         self.server_id: str | None = None
         self.server_name: str | None = None
+        self.max_frame = 0  # the largest frame this server relays, from its Welcome (0: not told)
         self.peers = PeerList()
         self.next_hello: float | None = None
         self.hellos = 0  # Hellos sent since the connection came up or registration was lost (backoff)
@@ -159,6 +160,7 @@ class ClientCore:
             session.hellos = 0
             session.server_id = header.server_id
             session.server_name = header.server_name
+            session.max_frame = header.max_frame
             session.next_hello = None
             session.next_heartbeat = now + HEARTBEAT
             session.refusal = None
@@ -295,6 +297,7 @@ class ClientCore:
             clients=MappingProxyType(dict(self._clients)),
             names=MappingProxyType(dict(self._names)),
             endpoints=tuple(s.endpoint for s in self.sessions),
+            max_frames=tuple(s.max_frame for s in self.sessions),
             refusals=tuple(
                 f"{s.endpoint}: {s.refusal.message}" for s in self.sessions if s.refusal is not None
             ),

@@ -232,7 +232,7 @@ MIN_MAX_HEADER = 512
 def server_limits(cfg: ServerConfig) -> Limits:
     """The hostile-input bounds of a server config, for :class:`~zbus.relay.ServerCore`."""
     return Limits(max_clients=cfg.max_clients, max_name_bytes=cfg.max_name_bytes, max_header=cfg.max_header,
-                  control_rate=cfg.control_rate, control_burst=cfg.control_burst)
+                  control_rate=cfg.control_rate, control_burst=cfg.control_burst, max_frame=cfg.max_frame)
 
 
 def _unpin(entries: list[str], ids: dict[str, str], key: str, source: str) -> tuple[list[str], dict[str, str]]:

@@ -128,6 +128,8 @@ class DataPlane:
         ``more`` is the header's send flags: SNDMORE (blocks up to SNDTIMEO) or NOBLOCK|SNDMORE.
         Raises Unreachable / Disconnected (taking the message back if it never left).
         """
+        if len(data) > self._max_frame:
+            raise ValueError(f"message of {len(data)} bytes: over max_frame ({self._max_frame}); nothing was sent")
         engine = self._engine
         stream = call.stream
         acked = engine.acked.get(dst)
@@ -141,7 +143,15 @@ class DataPlane:
             if call.seq is not None and not call.transmitted:
                 stream.unpush(call.seq)
             raise
+        limit = self._max_frame
         if path.__class__ is int:
+            told = routes.max_frames[path] if len(routes.max_frames) > path else 0
+            if told and len(data) > told:
+                if call.seq is not None and not call.transmitted:
+                    stream.unpush(call.seq)
+                raise ValueError(f"message of {len(data)} bytes to {dst}: over the max_frame of the server that "
+                                 f"relays it ({routes.endpoints[path]}: {told}); nothing was sent")
+            limit = min(limit, told or limit)
             sock = engine.data[path].out
         else:
             sock = engine.link_out.get(path)
@@ -176,7 +186,7 @@ class DataPlane:
         except zmq.Again:
             return sock
         call.transmitted = True
-        self._fast[dst] = (routes, sock, prefix, stream)
+        self._fast[dst] = (routes, sock, prefix, stream, limit)
         return None
 
     @staticmethod

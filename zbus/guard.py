@@ -30,6 +30,7 @@ class Limits:
     control_rate: float = DEFAULT_CONTROL_RATE  # control messages per second per connection, sustained
     control_burst: int = DEFAULT_CONTROL_BURST  # ...and in one burst
     max_tracked: int = DEFAULT_MAX_TRACKED  # connections whose rate buckets are remembered at once
+    max_frame: int = 0  # the largest frame relayed (told to clients in Welcome; 0: not told)
 
 
 class RateLimiter:

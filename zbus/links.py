@@ -174,6 +174,7 @@ class LinkCore:
     punching: dict[str, float] = field(default_factory=dict)  # peer -> when we asked for a punch
     punched_in: set[str] = field(default_factory=set)  # peers with a pipe (their links to us are punched)
     prelink: bool = True  # fill room under max_links with links to listed peers we have not sent to
+    prelink_retry_at: dict[str, tuple[float, float]] = field(default_factory=dict)  # as retry_at, prelinks
     prelink_scan_at: float = 0.0  # when the lists may next be searched for new prelinks
     prelink_order: dict[str, bytes] = field(default_factory=dict)  # peer -> its place in our order
 
@@ -204,6 +205,7 @@ class LinkCore:
                 actions += self._dial(link, now)
         for peer in target:
             if peer in self.out:
+                self.out[peer].prelinked = False  # a destination now (its failures back off as such)
                 continue
             when = self.retry_at.get(peer)
             if when is not None and now < when[0]:
@@ -235,12 +237,14 @@ class LinkCore:
         if len(chosen) >= room or dialing >= PRELINK_DIALS or now < self.prelink_scan_at:
             return chosen
         self.prelink_scan_at = now + PRELINK_SCAN_S
+        for gone in [p for p in self.prelink_retry_at if p not in clients]:
+            del self.prelink_retry_at[gone]
         taken = wanted.union(chosen, (link.peer for link in self.incoming.values()))
         fresh = []
         for peer, info in clients.items():
             if peer in taken or peer == self.my_id or not info.net.listen:
                 continue
-            when = self.retry_at.get(peer)
+            when = self.prelink_retry_at.get(peer) or self.retry_at.get(peer)
             if (when is not None and now < when[0]) or (self.can_punch and needs_punch(own, info.net)):
                 continue
             fresh.append(peer)
@@ -285,9 +289,12 @@ class LinkCore:
         if link.state == "dialing" and link.index + 1 < len(link.candidates):
             link.index += 1
             return actions + self._dial(link, now)
-        backoff = self.retry_at.get(peer, (0.0, RETRY_MIN / 2))[1] * 2
-        backoff = min(backoff, RETRY_MAX)
-        self.retry_at[peer] = (now + backoff * (0.5 + self.rng.random()), backoff)
+        # A failed prelink backs off on its own: it must not delay the link (or the punch) that a
+        # first message to the peer asks for (e.g. its private addresses were tried before its
+        # public endpoint, which tells that it needs a punch, was known).
+        table = self.prelink_retry_at if link.prelinked else self.retry_at
+        backoff = min(table.get(peer, (0.0, RETRY_MIN / 2))[1] * 2, RETRY_MAX)
+        table[peer] = (now + backoff * (0.5 + self.rng.random()), backoff)
         return actions
 
     # -- the dialer side ------------------------------------------------------------------------
@@ -303,6 +310,7 @@ class LinkCore:
             link.deadline = now + LINK_TIMEOUT
             link.next_ping = now
             self.retry_at.pop(peer, None)
+            self.prelink_retry_at.pop(peer, None)
             self.changed = True
             endpoint = link.data_endpoint or f"tcp://{_host_of(link.address)}:{header.data_port}"
             return [OpenData(peer, endpoint, link.token), *self.tick(now)]

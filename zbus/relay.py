@@ -79,7 +79,7 @@ class ServerCore:
         # changes, so an entry is exactly what relay() would answer now.
         self.fast_routes: dict[bytes, dict[bytes, tuple[bytes, bytes]]] = {}
         self.dropped: collections.Counter[str] = collections.Counter()
-        self._welcome = wire.encode(wire.Welcome(server_id, name))
+        self._welcome = wire.encode(wire.Welcome(server_id, name, limits.max_frame))
         self._not_registered = wire.encode(wire.Error("not-registered", "say Hello first"))
 
     # -- data plane -------------------------------------------------------------------------

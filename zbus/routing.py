@@ -23,6 +23,7 @@ class Routes:
     clients: Mapping[str, ClientInfo] = field(default_factory=lambda: _EMPTY)
     names: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: _EMPTY)  # name -> client ids
     endpoints: tuple[str, ...] = ()  # server endpoint per index
+    max_frames: tuple[int, ...] = ()  # per server index: the largest frame it relays (0: not told)
     refusals: tuple[str, ...] = ()  # why servers refused to register us (e.g. Id in use)
     links: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)  # peer id -> links.LinkView (up links)
 

@@ -105,10 +105,13 @@ class Bye(_Msg):
 
 
 class Welcome(_Msg):
-    """Answer to a :class:`Hello`: the registration is accepted."""
+    """Answer to a :class:`Hello`: the registration is accepted. ``max_frame``: the largest frame
+    this server relays (0: not said), so a client refuses a bigger message at ``send`` instead of
+    sending what the server would drop."""
 
     server_id: str
     server_name: str
+    max_frame: int = 0
 
 
 class ClientDelta(_Msg):

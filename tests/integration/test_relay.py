@@ -142,20 +142,26 @@ def test_garbage_from_a_raw_socket_is_dropped_and_counted_while_others_keep_talk
         raw.close()
 
 
-def test_oversized_frames_are_dropped_and_counted(start_server, clients, tmp_path):
+def test_a_message_over_a_max_frame_is_refused_at_send_and_the_stream_goes_on(start_server, clients, tmp_path):
     config = tmp_path / "zbus.toml"
     config.write_text('[server]\nmax_frame = 100000\n')
     server = start_server(extra=["--config", str(config)])
-    # Relay only: a direct link would carry (and repeat) the big message past the server.
+    # Relay only: the limit that matters is the server's, which its Welcome told the client.
     alice, bob = connect(clients, server, "alice", max_links=0), connect(clients, server, "bob", max_links=0)
     bob_id = alice.wait_peer("bob", 5.0)
-    alice.send(bob_id, b"x" * 150_000)  # over the server's limit: dropped there
-    alice.send(bob_id, b"small")  # held back behind the gap, released after the delivery layer's gap timeout
-    started = time.monotonic()
-    assert bob.recv(timeout=GAP_TIMEOUT + 10.0).data == b"small"
-    assert time.monotonic() - started >= GAP_TIMEOUT - 1.0  # not before: a lost message would be repaired
-    assert bob.status().delivery["gap_skipped"] == 1
-    wait_until(lambda: query_status(server.endpoint).stats.dropped.get("oversized") == 1, 5.0, "oversized drop")
+    alice.send(bob_id, b"before")
+    with pytest.raises(ValueError, match=r"over the max_frame of the server .*100000.*nothing was sent"):
+        alice.send(bob_id, b"x" * 150_000)
+    alice.send(bob_id, b"after")  # no hole in the stream: it arrives at once, not after the gap timeout
+    assert [bob.recv(timeout=GAP_TIMEOUT / 2).data for _ in range(2)] == [b"before", b"after"]
+    assert bob.status().delivery["gap_skipped"] == 0
+    # The client's own limit holds on every path, before anything is numbered or sent.
+    carol = connect(clients, server, "carol", max_frame=1000)
+    with pytest.raises(ValueError, match=r"over max_frame \(1000\)"):
+        carol.send(bob_id, b"y" * 1001)
+    carol.send(bob_id, b"y" * 1000)
+    assert bob.recv(timeout=5.0).data == b"y" * 1000
+    assert query_status(server.endpoint).stats.dropped.get("oversized", 0) == 0  # nothing reached the server
 
 
 def test_a_second_process_claiming_a_connected_id_is_refused_with_a_clear_error(start_server, clients):

@@ -220,10 +220,10 @@ def test_limits_come_from_the_server_table_of_the_config_file(tmp_path):
 
     path = tmp_path / "zbus.toml"
     path.write_text("[server]\nmax_clients = 5\nmax_name_bytes = 32\nmax_header = 1024\n"
-                    "control_rate = 2.5\ncontrol_burst = 7\n")
+                    "control_rate = 2.5\ncontrol_burst = 7\nmax_frame = 4096\n")
     limits = server_limits(load_server_config(path))
     assert limits == Limits(max_clients=5, max_name_bytes=32, max_header=1024, control_rate=2.5,
-                            control_burst=7)
+                            control_burst=7, max_frame=4096)
     assert server_limits(load_server_config(tmp_path / "zbus.toml", max_clients=9)).max_clients == 9
 
 

@@ -188,3 +188,15 @@ def test_prelink_off_and_max_links_zero_open_nothing_unasked():
     clients = _listed(3)
     assert core(A, max_links=3, prelink=False).plan(clients, 0.0) == []
     assert core(A, max_links=0, prelink=True).plan(clients, 0.0) == []
+
+
+def test_a_failed_prelink_does_not_delay_the_link_a_first_message_asks_for():
+    clients = {B: info(B, "tcp://0.0.0.0:4000", private=("10.9.0.7",))}  # an address we cannot reach
+    a = core(A, max_links=4, prelink=True)
+    assert [x.peer for x in a.plan(clients, 0.0) if isinstance(x, Dial)] == [B]
+    assert [type(x) for x in a.tick(HANDSHAKE_TIMEOUT + 0.1)] == [Close]  # silent: it failed
+    assert B not in a.retry_at and B in a.prelink_retry_at
+    assert a.plan(clients, HANDSHAKE_TIMEOUT + 0.2) == []  # prelinks back off...
+    a.want([B])
+    assert [x.peer for x in a.plan(clients, HANDSHAKE_TIMEOUT + 0.3) if isinstance(x, Dial)] == [B]  # ...wanted not
+    assert not a.out[B].prelinked
