@@ -113,7 +113,7 @@ def run_streams(cells: dict, n: int, rate: int, timeout: float) -> dict:
         b.wait_line(lambda line: '"event": "received"' in line, timeout + 5.0, what="B's report")
         reports[key] = [e for e in b.events() if e["event"] == "received"][-1]
     for key, report in reports.items():
-        assert report["n"] == n and report["in_order"], (key, report)
+        assert report["n"] == n and report["in_order"], f"{key}: {json.dumps(report)}"
     return reports
 
 
