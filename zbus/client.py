@@ -263,8 +263,9 @@ class Client(_ClientBase):
 
         Raises ``Unreachable`` if no path to ``dst`` is known, ``Disconnected`` if no server is,
         ``ValueError`` if ``data`` is over ``max_frame`` (ours, or that of the server that would
-        relay it), with nothing sent. When the path stays full for ``timeout`` seconds (None: the ``send_timeout`` config key,
-        10 s; 0: do not wait) raises ``Backpressure``, with nothing of the message sent.
+        relay it), with nothing sent. When the path stays full for ``timeout`` seconds (None: the
+        ``send_timeout`` config key, 10 s; 0: do not wait) raises ``Backpressure``, with nothing
+        of the message sent.
         ``ack=True``: return only once ``dst`` has received the message (repeated over any path,
         delivered once); ``TimeoutError`` if that did not happen within ``timeout`` (which covers
         the wait for room too).
@@ -345,7 +346,7 @@ class Client(_ClientBase):
         with self._rx_lock:
             if self._flowing and not self._ready and not self._closed:  # a stream: straight to its socket
                 hot = self._hot
-                message = self._read_link() if hot is self._link_in else self._read_relay(hot)
+                message = self._read_link() if hot is self._link_in else self._read_relay(hot)  # (inlined _read_socket)
                 if message is not None:
                     return message
             deadline = None

@@ -151,7 +151,8 @@ class DataPlane:
                     stream.unpush(call.seq)
                 raise ValueError(f"message of {len(data)} bytes to {dst}: over the max_frame of the server that "
                                  f"relays it ({routes.endpoints[path]}: {told}); nothing was sent")
-            limit = min(limit, told or limit)
+            if told:
+                limit = min(limit, told)
             sock = engine.data[path].out
         else:
             sock = engine.link_out.get(path)
@@ -334,7 +335,7 @@ class DataPlane:
             if message is not None:
                 return message
         for sock, _ in _ZMQ_POLL(self._poll_items(), 0):
-            message = self._read_link() if sock is self._link_in else self._read_relay(sock)
+            message = self._read_socket(sock)
             if message is not None:
                 self._hot, self._flowing = sock, True
                 return message
@@ -358,11 +359,15 @@ class DataPlane:
         or what came was not for ``recv``). The read is not marked ``_flowing``: after a wait, the
         next message is more likely not there yet, and an empty read costs more than asking."""
         for sock, _ in _ZMQ_POLL(self._poll_items(), timeout_ms):
-            message = self._read_link() if sock is self._link_in else self._read_relay(sock)
+            message = self._read_socket(sock)
             if message is not None:
                 self._hot = sock
                 return message
         return None
+
+    def _read_socket(self, sock: zmq.Socket) -> Message | None:
+        """The next message for ``recv`` from one data socket (the link listener or a server's data_in)."""
+        return self._read_link() if sock is self._link_in else self._read_relay(sock)
 
     def _read_link(self, _new=tuple.__new__, _Message=Message) -> Message | None:
         """Direct links: [data token, seq + payload] or [data token, seq, payload] (see wire.py).

@@ -252,23 +252,25 @@ class Server:
                 except zmq.Again:
                     return True
                 head = recv(router, NOBLOCK, False)  # the rest of a message is there once its first frame is
-                frames = [head]
-                if head.more:
-                    payload = recv(router, NOBLOCK, False)
-                    frames.append(payload)
-                    if not payload.more:
-                        routes = fast_routes.get(conn)
-                        if routes is not None:
-                            raw = head.bytes
-                            hit = routes.get(raw[:-SEQ_TAIL])
-                            if hit is not None and raw[-SEQ_TAIL] == 0xCF and len(payload) <= max_frame:
-                                relayed += 1
-                                relayed_bytes += len(payload)
-                                forward(router, hit[0], hit[1] + raw[-SEQ_TAIL:], payload, now)
-                                continue
-                    else:
-                        while frames[-1].more:
-                            frames.append(recv(router, NOBLOCK, False))
+                if not head.more:
+                    on_frames(router, conn, [head], now)
+                    continue
+                payload = recv(router, NOBLOCK, False)
+                if not payload.more:
+                    routes = fast_routes.get(conn)
+                    if routes is not None:
+                        raw = head.bytes
+                        hit = routes.get(raw[:-SEQ_TAIL])
+                        if hit is not None and raw[-SEQ_TAIL] == 0xCF and len(payload) <= max_frame:
+                            relayed += 1
+                            relayed_bytes += len(payload)
+                            forward(router, hit[0], hit[1] + raw[-SEQ_TAIL:], payload, now)
+                            continue
+                    on_frames(router, conn, [head, payload], now)
+                    continue
+                frames = [head, payload]
+                while frames[-1].more:
+                    frames.append(recv(router, NOBLOCK, False))
                 on_frames(router, conn, frames, now)
             return False
         finally:
