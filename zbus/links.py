@@ -146,6 +146,7 @@ class InLink:
     peer: str
     token: bytes
     last_seen: float
+    kind: str = "direct"  # "punched": the dialer came through a punched pipe (its LinkHello says so)
 
 
 @dataclass(frozen=True)
@@ -268,7 +269,8 @@ class LinkCore:
         token = self.rng.randbytes(TOKEN_BYTES)
         link.token = bytes([token[0] | 1]) + token[1:]  # libzmq reserves ids starting with 0
         link.deadline = now + HANDSHAKE_TIMEOUT
-        hello = wire.encode(wire.LinkHello(self.my_id, link.peer, link.nonce, link.token))
+        hello = wire.encode(wire.LinkHello(self.my_id, link.peer, link.nonce, link.token,
+                                           "punched" if link.kind == "punched" else ""))
         return [Dial(link.peer, link.address, hello)]
 
     def _close(self, peer: str) -> list[Action]:
@@ -336,7 +338,8 @@ class LinkCore:
             if len(header.data_token) != TOKEN_BYTES or header.data_token[0] == 0 or any(
                     link.token == header.data_token and c != conn for c, link in self.incoming.items()):
                 return [Reply(conn, wire.encode(wire.Error("bad-hello", "data token invalid or in use")))]
-            self.incoming[conn] = InLink(header.id, header.data_token, now)
+            kind = "punched" if header.kind == "punched" else "direct"  # only a label of the dialer's own messages
+            self.incoming[conn] = InLink(header.id, header.data_token, now, kind)
             self.changed = True
             return [Reply(conn, wire.encode(wire.LinkWelcome(self.my_id, header.nonce, self.data_port)))]
         link = self.incoming.get(conn)
@@ -382,7 +385,8 @@ class LinkCore:
 
     def tokens(self) -> dict[bytes, tuple[str, str]]:
         """Data connection routing id -> (the peer Id it was authenticated as, "direct" | "punched")."""
-        return {link.token: (link.peer, "punched" if link.peer in self.punched_in else "direct")
+        punched = self.punched_in
+        return {link.token: (link.peer, "punched" if link.kind == "punched" or link.peer in punched else "direct")
                 for link in self.incoming.values()}
 
     # -- punched pipes (events from the punch service) -------------------------------------------

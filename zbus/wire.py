@@ -351,6 +351,7 @@ class LinkHello(_Msg):
     expected: str  # the Id the dialer means to reach; a listener with another Id refuses
     nonce: bytes
     data_token: bytes
+    kind: str = ""  # "punched": dialed through a punched pipe (the listener labels its messages so)
 
 
 class LinkWelcome(_Msg):

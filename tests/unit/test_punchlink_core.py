@@ -65,6 +65,10 @@ def test_a_pipe_is_dialed_as_a_punched_link_and_losing_it_falls_back():
     view = a.up_links()[B]
     assert (view.kind, view.address) == ("punched", "203.0.113.102:6000")
     assert b.tokens() == {a.out[B].token: (A, "punched")}  # messages on it arrive via="punched"
+    # ...also before B's own pipe to A is up: A's LinkHello says it came through a pipe.
+    c = core(B)
+    c.on_listener(b"conn", wire.decode(dial[0].hello), {A: wire.ClientInfo(A, "a", NATED_A)}, 0.2)
+    assert c.tokens() == {a.out[B].token: (A, "punched")}
     closed = a.pipe_down(B, 1.0)
     assert closed and isinstance(closed[0], Close) and closed[0].pipe
     assert B not in a.up_links() and B not in a.pipes
