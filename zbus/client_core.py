@@ -41,6 +41,7 @@ class ServerSession:
         self.server_id: str | None = None
         self.server_name: str | None = None
         self.max_frame = 0  # the largest frame this server relays, from its Welcome (0: not told)
+        self.rendezvous_key = b""  # keys our UDP rendezvous with this server (its Welcome; zbus/rendezvous.py)
         self.peers = PeerList()
         self.next_hello: float | None = None
         self.hellos = 0  # Hellos sent since the connection came up or registration was lost (backoff)
@@ -161,6 +162,7 @@ class ClientCore:
             session.server_id = header.server_id
             session.server_name = header.server_name
             session.max_frame = header.max_frame
+            session.rendezvous_key = header.rendezvous_key
             session.next_hello = None
             session.next_heartbeat = now + HEARTBEAT
             session.refusal = None

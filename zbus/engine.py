@@ -432,7 +432,7 @@ class Engine:
             self._punch = punchlink.PunchService(
                 self.client_id, punchlink.server_udp(self.config.servers[0]), self.listen_endpoint,
                 data_endpoint, lambda: punchlink.hard_from_public(self.core.net.public),
-                self._post_punch_event).start()
+                self._post_punch_event, key=lambda: self.core.sessions[0].rendezvous_key).start()
         return self._punch
 
     def _post_punch_event(self, event: tuple) -> None:

@@ -23,8 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from . import netinfo, wire
 from .punch import Addr, PunchLimits, PunchResult, PunchSession, State
+from .rendezvous import open_go, request_mac
 
 REQUEST_RETRY_S = 0.25
 RENEW_FOR_S = 2.0  # the requester repeats its request this long into punching (under SESSION_REUSE_S)
@@ -45,10 +48,15 @@ def open_punch_socket(bind_ip: str = "0.0.0.0", port: int = 0) -> socket.socket:
     return sock
 
 
-def _request(sock: socket.socket, server: Addr, own_id: str, to: str, nonce: bytes, hard: bool) -> None:
+def _request(sock: socket.socket, server: Addr, own_id: str, to: str, nonce: bytes, hard: bool,
+             key: bytes = b"") -> None:
+    """One PunchRequest; MACed with ``key`` (our rendezvous key at that server, from its Welcome) if any."""
     port = sock.getsockname()[1]
     private = [ip for ip in netinfo.private_addresses() if not ip.startswith("127.")]
-    sock.sendto(wire.encode(wire.PunchRequest(own_id, to, nonce, private, port, bool(hard))), server)
+    request = wire.PunchRequest(own_id, to, nonce, private, port, bool(hard))
+    if key:
+        request = msgspec.structs.replace(request, mac=request_mac(key, request))
+    sock.sendto(wire.encode(request), server)
 
 
 def _recv(sock: socket.socket, timeout: float) -> tuple[bytes, Addr] | None:
@@ -82,10 +90,10 @@ def _exchange(sock: socket.socket, send: Callable[[], None], retry: float, first
 
 
 def register(sock: socket.socket, server: Addr, own_id: str, hard: bool = False,
-             timeout: float = 5.0) -> Addr:
+             timeout: float = 5.0, key: bytes = b"") -> Addr:
     """Register ``sock`` at the server's rendezvous; return our public endpoint as the server saw it."""
     nonce = os.urandom(8)
-    seen = _exchange(sock, lambda: _request(sock, server, own_id, "", nonce, hard), REQUEST_RETRY_S,
+    seen = _exchange(sock, lambda: _request(sock, server, own_id, "", nonce, hard, key), REQUEST_RETRY_S,
                      0.0, time.monotonic() + timeout,
                      lambda m: (m.ip, m.port) if isinstance(m, wire.Observed) and m.nonce == nonce else None)
     if seen is None:
@@ -94,14 +102,20 @@ def register(sock: socket.socket, server: Addr, own_id: str, hard: bool = False,
 
 
 def wait_go(sock: socket.socket, server: Addr, own_id: str, hard: bool = False, timeout: float = 30.0,
-            peer_id: str = "") -> wire.PunchGo:
-    """Wait for a PunchGo (re-registering now and then); ``peer_id`` non-empty: also request it."""
+            peer_id: str = "", key: bytes = b"") -> wire.PunchGo:
+    """Wait for a PunchGo (re-registering now and then); ``peer_id`` non-empty: also request it.
+    ``key``: our rendezvous key at that server; a PunchGo must then carry its MAC (zbus/rendezvous.py)."""
     nonce = os.urandom(8)
     retry = REQUEST_RETRY_S if peer_id else REGISTER_EVERY_S
     first = time.monotonic() if peer_id else time.monotonic() + REGISTER_EVERY_S
-    go = _exchange(sock, lambda: _request(sock, server, own_id, peer_id, nonce, hard), retry, first,
-                   time.monotonic() + timeout,
-                   lambda m: m if isinstance(m, wire.PunchGo) and (not peer_id or m.peer == peer_id) else None)
+
+    def accept(m: Any) -> wire.PunchGo | None:
+        if not isinstance(m, wire.PunchGo) or (peer_id and m.peer != peer_id):
+            return None
+        return open_go(key, m)  # None (ignored) if it is not the server's
+
+    go = _exchange(sock, lambda: _request(sock, server, own_id, peer_id, nonce, hard, key), retry, first,
+                   time.monotonic() + timeout, accept)
     if go is None:
         raise TimeoutError(f"no rendezvous {'with ' + peer_id if peer_id else 'invitation'} within {timeout:g} s")
     if go.refused:
@@ -230,6 +244,7 @@ def punch(sock: socket.socket, server: Addr, own_id: str, peer_id: str, hard: bo
     return run_punch(sock, own_id, go, limits=limits, renew=renewer(sock, server, own_id, peer_id, hard))
 
 
-def renewer(sock: socket.socket, server: Addr, own_id: str, peer_id: str, hard: bool) -> Callable[[], None]:
+def renewer(sock: socket.socket, server: Addr, own_id: str, peer_id: str, hard: bool,
+            key: bytes = b"") -> Callable[[], None]:
     nonce = os.urandom(8)
-    return lambda: _request(sock, server, own_id, peer_id, nonce, hard)
+    return lambda: _request(sock, server, own_id, peer_id, nonce, hard, key)

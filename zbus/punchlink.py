@@ -37,6 +37,7 @@ from typing import Callable
 from . import wire
 from .punchbridge import TARGET_CTL, TARGET_DATA, ProcessBridge, big_buffers
 from .punch_udp import CANCEL_CHECK_S, PunchFailed, open_punch_socket, register, renewer, run_punch, wait_go
+from .rendezvous import open_go
 
 log = logging.getLogger("zbus.punchlink")
 
@@ -145,9 +146,11 @@ class PunchService:
     """
 
     def __init__(self, client_id: str, server: tuple[str, int], ctl_endpoint: str, data_endpoint: str,
-                 hard: Callable[[], bool], post: Callable[[tuple], None]) -> None:
+                 hard: Callable[[], bool], post: Callable[[tuple], None],
+                 key: Callable[[], bytes] = lambda: b"") -> None:
         self.client_id = client_id
         self.server = server
+        self.key = key  # our rendezvous key at that server (its Welcome): MACs our requests, opens its PunchGos
         self.targets = {TARGET_CTL: _target(ctl_endpoint), TARGET_DATA: _target(data_endpoint)}
         self.hard = hard
         self.post = post
@@ -206,7 +209,8 @@ class PunchService:
             now = time.monotonic()
             if now >= self._next_register:
                 try:
-                    self.public = register(self.sock, self.server, self.client_id, self.hard(), timeout=2.0)
+                    self.public = register(self.sock, self.server, self.client_id, self.hard(), timeout=2.0,
+                                           key=self.key())
                     self._next_register = time.monotonic() + 20.0
                 except (TimeoutError, OSError) as exc:
                     log.debug("punch registration at %s failed: %s", self.server, exc)
@@ -226,7 +230,9 @@ class PunchService:
                 except (OSError, wire.WireError):
                     continue
                 if isinstance(message, wire.PunchGo) and not message.refused:
-                    self._punch(message.peer, message)
+                    go = open_go(self.key(), message)
+                    if go is not None:  # else not from our server (a forged invitation): ignored
+                        self._punch(go.peer, go)
 
     def _punch(self, peer: str, go: wire.PunchGo | None) -> None:
         """Punch towards ``peer`` (requester when ``go`` is None), then make the pipe and bridge."""
@@ -237,8 +243,9 @@ class PunchService:
         try:
             renew = None
             if go is None:
-                go = wait_go(self.sock, self.server, self.client_id, hard, PUNCH_TIMEOUT_S, peer_id=peer)
-                renew = renewer(self.sock, self.server, self.client_id, peer, hard)
+                key = self.key()
+                go = wait_go(self.sock, self.server, self.client_id, hard, PUNCH_TIMEOUT_S, peer_id=peer, key=key)
+                renew = renewer(self.sock, self.server, self.client_id, peer, hard, key)
             path = run_punch(self.sock, self.client_id, go, renew=renew, cancelled=self._stopping)
             if path.sock is not self.sock:  # a birthday path on an extra socket: no TCP port to match
                 path.sock.close()

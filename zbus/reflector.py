@@ -16,6 +16,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from . import netinfo, wire
 from .rendezvous import Rendezvous
@@ -34,7 +35,8 @@ def bind_addresses(host: str) -> list[str]:
 
 
 class Reflector:
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, keys: Callable[[str], bytes | None] = lambda client_id: None) -> None:
+        """``keys``: a registered client's rendezvous key by Id (zbus/rendezvous.py), read from this thread."""
         self.port = port
         self.sockets: list[socket.socket] = []
         for address in bind_addresses(host):
@@ -48,7 +50,7 @@ class Reflector:
             self.sockets.append(sock)
         self.answered = 0
         self.dropped = 0
-        self.rendezvous = Rendezvous(os.urandom)
+        self.rendezvous = Rendezvous(os.urandom, keys)
         self._by_address = {sock.getsockname()[0]: sock for sock in self.sockets}
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"zbus-reflector-{port}", daemon=True)

@@ -17,6 +17,7 @@ Hostile input (docs/security.md): every control message passes a per-connection 
 from __future__ import annotations
 
 import collections
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ import msgspec
 from . import wire
 from .cluster import ClusterView
 from .guard import Limits, RateLimiter
+from .rendezvous import client_key
 from .ids import is_client_id
 from .tables import ClientTable
 from .wire import DropReason
@@ -79,7 +81,9 @@ class ServerCore:
         # changes, so an entry is exactly what relay() would answer now.
         self.fast_routes: dict[bytes, dict[bytes, tuple[bytes, bytes]]] = {}
         self.dropped: collections.Counter[str] = collections.Counter()
-        self._welcome = wire.encode(wire.Welcome(server_id, name, limits.max_frame))
+        # Rendezvous keys (zbus/rendezvous.py) of registered clients, by Id; read by the reflector thread.
+        self.rendezvous_keys: dict[str, bytes] = {}
+        self._rendezvous_secret = os.urandom(32)
         self._not_registered = wire.encode(wire.Error("not-registered", "say Hello first"))
 
     # -- data plane -------------------------------------------------------------------------
@@ -203,7 +207,7 @@ class ServerCore:
                 # loaded server): answer again, change nothing. Re-registering here would publish a
                 # remove + add to every client, send another full list and drop the client's queue.
                 self.table.upsert(wire.ClientInfo(hello.id, hello.name, hello.net))
-                return [(conn, self._welcome, None)]
+                return [(conn, self._welcome(previous), None)]
             self.connection_lost(conn)  # re-registration on the same connection
         for token in (hello.data_in, hello.data_out):
             if token in self._receivers or token in self._by_sender:
@@ -216,7 +220,12 @@ class ServerCore:
         self._receivers.add(hello.data_in)
         self.table.upsert(wire.ClientInfo(hello.id, hello.name, hello.net))
         self._needs_snapshot.add(conn)
-        return [(conn, self._welcome, None)]
+        self.rendezvous_keys[hello.id] = client_key(self._rendezvous_secret, hello.id, hello.instance)
+        return [(conn, self._welcome(registration), None)]
+
+    def _welcome(self, registration: Registration) -> bytes:
+        return wire.encode(wire.Welcome(self.server_id, self.name, self.limits.max_frame,
+                                        self.rendezvous_keys.get(registration.client_id, b"")))
 
     def expire(self, now: float) -> None:
         """Forget clients whose control connection was silent past ``client_timeout``."""
@@ -235,6 +244,7 @@ class ServerCore:
             return
         self.fast_routes.clear()
         del self._by_id[registration.client_id]
+        self.rendezvous_keys.pop(registration.client_id, None)
         del self._by_sender[registration.data_out]
         self._receivers.discard(registration.data_in)
         self.table.remove(registration.client_id)

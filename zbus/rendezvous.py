@@ -8,19 +8,69 @@ very datagram, the client's private addresses and whether its NAT is "hard", and
 fresh session id + secret. Repeats of the same request within ``SESSION_REUSE_S`` get the same session
 (the request travels over UDP and may be retried), so both sides always punch with one secret.
 
-Not authenticated yet: anyone can register any Id over UDP (issue 6 adds keys). A registration can
-only point the server at the registering socket itself, so the worst a forger can do is redirect
-punch invitations for that Id to itself, and it cannot produce valid punches without the secret of a
-session it was not invited to.
+Authentication. A client registered over TCP gets a *rendezvous key* in its Welcome (a function of a
+server secret, its Id and its process instance; with security on that Welcome travels inside CURVE).
+Its UDP requests must carry ``mac = HMAC-SHA256(key, request fields)[:16]``; a request for such an Id
+without a valid MAC is dropped and counted (``unauthenticated``), so nobody else can register or ask
+in its name. What the server sends it (:class:`~zbus.wire.PunchGo`) is MACed with the same key and
+its punch ``secret`` sealed (XOR with HMAC-SHA256(key, "seal" + session)), so the secret no longer
+travels in clear. Ids not registered over TCP at this server (e.g. ``zbus-node punch`` tests) may
+still use the rendezvous unauthenticated; they cannot take a registered Id.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
+
 from . import wire
+
+MAC_BYTES = 16
+
+
+def _mac(key: bytes, *parts: object) -> bytes:
+    return hmac.new(key, msgspec.msgpack.encode(parts), hashlib.sha256).digest()[:MAC_BYTES]
+
+
+def client_key(server_secret: bytes, client_id: str, instance: str) -> bytes:
+    """The rendezvous key of one registered client process (sent in its Welcome)."""
+    return hmac.new(server_secret, msgspec.msgpack.encode(("rendezvous-key", client_id, instance)),
+                    hashlib.sha256).digest()
+
+
+def request_mac(key: bytes, req: wire.PunchRequest) -> bytes:
+    return _mac(key, "request", req.frm, req.to, req.nonce, req.private, req.port, req.hard)
+
+
+def _go_mac(key: bytes, go: wire.PunchGo) -> bytes:
+    return _mac(key, "go", go.peer, go.session, go.secret, go.candidates, go.role, go.peer_role, go.controlling,
+                go.refused)
+
+
+def _xor_secret(key: bytes, session: bytes, secret: bytes) -> bytes:
+    stream = hmac.new(key, b"seal" + session, hashlib.sha256).digest()
+    return bytes(a ^ b for a, b in zip(secret, stream))
+
+
+def seal_go(key: bytes, go: wire.PunchGo) -> wire.PunchGo:
+    """Server: ``go`` for a client holding ``key``: its secret sealed, everything MACed."""
+    sealed = msgspec.structs.replace(go, secret=_xor_secret(key, go.session, go.secret) if go.secret else b"")
+    return msgspec.structs.replace(sealed, mac=_go_mac(key, sealed))
+
+
+def open_go(key: bytes, go: wire.PunchGo) -> wire.PunchGo | None:
+    """Client: the PunchGo with its secret unsealed, or None if it is not from the server (bad MAC).
+    Without a key (no Welcome gave one) it is taken as it is."""
+    if not key:
+        return go
+    if not hmac.compare_digest(go.mac, _go_mac(key, msgspec.structs.replace(go, mac=b""))):
+        return None
+    return msgspec.structs.replace(go, secret=_xor_secret(key, go.session, go.secret), mac=b"")
 
 Addr = tuple[str, int]
 
@@ -64,17 +114,25 @@ class Reply:
 
 
 class Rendezvous:
-    def __init__(self, token: Callable[[int], bytes]) -> None:
-        """``token(n)``: n unpredictable bytes (os.urandom in servers, a seeded Random in tests)."""
+    def __init__(self, token: Callable[[int], bytes],
+                 keys: Callable[[str], bytes | None] = lambda client_id: None) -> None:
+        """``token(n)``: n unpredictable bytes (os.urandom in servers, a seeded Random in tests).
+        ``keys(client_id)``: the rendezvous key of a client registered over TCP, else None."""
         self._token = token
+        self._keys = keys
         self._regs: OrderedDict[str, Registration] = OrderedDict()
         self._sessions: dict[tuple[str, str], tuple[float, bytes, bytes]] = {}
         self.introduced = 0
         self.refused = 0
+        self.unauthenticated = 0
 
     def handle(self, now: float, via: str, src: Addr, msg: wire.PunchRequest) -> list[Reply]:
         if not msg.frm:
             self.refused += 1
+            return []
+        key = self._keys(msg.frm)
+        if key is not None and not hmac.compare_digest(msg.mac, request_mac(key, msg)):
+            self.unauthenticated += 1  # someone else speaking for a registered Id (or a stale key)
             return []
         reg = Registration(msg.frm, src, via, tuple(msg.private[:MAX_PRIVATE]), msg.port, msg.hard, now)
         self._regs.pop(msg.frm, None)
@@ -86,15 +144,15 @@ class Rendezvous:
         if peer is None or msg.to == msg.frm:
             self.refused += 1
             refusal = wire.PunchGo(msg.to, b"", refused=f"{msg.to} is not registered at this server")
-            return [Reply(via, src, wire.encode(refusal))]
-        key = (msg.frm, msg.to)
-        known = self._sessions.get(key)
+            return [Reply(via, src, wire.encode(seal_go(key, refusal) if key is not None else refusal))]
+        pair = (msg.frm, msg.to)
+        known = self._sessions.get(pair)
         if known is not None and now - known[0] < SESSION_REUSE_S:
             session, secret = known[1], known[2]
         else:
             session, secret = self._token(16), self._token(32)
-            self._sessions.pop(key, None)
-            self._sessions[key] = (now, session, secret)  # insertion order = age
+            self._sessions.pop(pair, None)
+            self._sessions[pair] = (now, session, secret)  # insertion order = age
             self.introduced += 1
         while self._sessions:
             oldest_key, (t, _, _) = next(iter(self._sessions.items()))
@@ -104,6 +162,11 @@ class Rendezvous:
         to_requester = wire.PunchGo(peer.client_id, session, secret, peer.candidates(), reg.role, peer.role,
                                     True)
         to_peer = wire.PunchGo(reg.client_id, session, secret, reg.candidates(), peer.role, reg.role, False)
+        peer_key = self._keys(peer.client_id)
+        if key is not None:
+            to_requester = seal_go(key, to_requester)
+        if peer_key is not None:
+            to_peer = seal_go(peer_key, to_peer)
         return [Reply(via, src, wire.encode(to_requester)),
                 Reply(peer.via, peer.observed, wire.encode(to_peer))]
 

@@ -130,7 +130,7 @@ class Server:
             self.core = ServerCore(self.id, self.name, self.endpoint, self.config.client_timeout,
                                    server_limits(self.config))
             host, port = parse_endpoint(self.endpoint, "listen")
-            self.reflector = Reflector(host, port).start()
+            self.reflector = Reflector(host, port, keys=self.core.rendezvous_keys.get).start()
             self.cluster = RaftCluster(self.id, self.name, self.endpoint, self.config, self.security)
             self.cluster.start()
             self._bound.set()
@@ -207,6 +207,8 @@ class Server:
                 if caught_up or now - expired_at >= self.config.client_timeout:
                     core.expire(now)
                     expired_at = now
+                if self.reflector is not None and self.reflector.rendezvous.unauthenticated:  # UDP requests for a registered Id without its MAC
+                    core.dropped["unauthenticated"] = self.reflector.rendezvous.unauthenticated
                 self.cluster.report(core.stats())
                 core.set_cluster_stats(self.cluster.server_stats())
             for conn in core.take_forgotten():

@@ -112,6 +112,7 @@ class Welcome(_Msg):
     server_id: str
     server_name: str
     max_frame: int = 0
+    rendezvous_key: bytes = b""  # keys the MACs of this client's UDP rendezvous (zbus/rendezvous.py)
 
 
 class ClientDelta(_Msg):
@@ -297,8 +298,9 @@ class PunchRequest(_Msg):
     rendezvous with ``to``. The server learns the socket's public endpoint from the datagram itself.
 
     ``private`` are the client's interface addresses (its LAN candidates, with ``port`` = the socket's
-    local port); ``hard`` is netcheck's ``mapping_varies``. The Id in ``frm`` is not authenticated yet
-    (see docs/nat.md). The server answers a registration with :class:`Observed` (same ``nonce``).
+    local port); ``hard`` is netcheck's ``mapping_varies``. ``mac``: see zbus/rendezvous.py (an Id
+    registered over TCP at this server must MAC its requests with the key the server's Welcome gave
+    it). The server answers a registration with :class:`Observed` (same ``nonce``).
     """
 
     frm: str
@@ -307,6 +309,7 @@ class PunchRequest(_Msg):
     private: list[str] = []
     port: int = 0
     hard: bool = False
+    mac: bytes = b""
 
 
 class PunchGo(_Msg):
@@ -326,6 +329,7 @@ class PunchGo(_Msg):
     peer_role: str = "easy"
     controlling: bool = False
     refused: str = ""
+    mac: bytes = b""  # to a client with a rendezvous key: the secret is sealed and this MACs it all
 
 
 class Punch(_Msg):

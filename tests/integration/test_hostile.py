@@ -479,3 +479,37 @@ def test_client_survives_10400_frames_from_a_hostile_server_and_keeps_using_the_
         print(f"\nclient: {sum(bad_sent.values())} bad frames {bad_sent} + replays {replays}; "
               f"dropped {status.dropped}; test-process VmRSS {rss_before} -> {rss_after} kB (+{growth} kB)")
         assert growth < RSS_GROWTH_LIMIT_KB, f"client process RSS grew by {growth} kB"
+
+
+def test_udp_rendezvous_requests_for_a_registered_id_need_its_key(start_server, clients):
+    """Nobody can register a punch socket (or ask for a rendezvous) in the name of a client registered
+    over TCP: such requests need the MAC keyed by what the server's Welcome gave that client."""
+    import socket
+
+    import msgspec
+
+    from zbus.punch_udp import register
+    from zbus.rendezvous import request_mac
+
+    server = start_server("rdv")
+    alice = zbus.Client(servers=[server.endpoint], name="alice", max_links=0)
+    clients.append(alice)
+    key = alice._engine.core.sessions[0].rendezvous_key
+    assert len(key) == 32  # from the Welcome
+    udp_server = ("127.0.0.1", int(server.endpoint.rpartition(":")[2]))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as forger:
+        forger.bind(("127.0.0.1", 0))
+        forged = wire.PunchRequest(alice.id, "", b"nonce123", [], 4000)
+        wrong = msgspec.structs.replace(forged, mac=request_mac(b"k" * 32, forged))
+        for request in (forged, wrong):
+            forger.sendto(wire.encode(request), udp_server)
+        wait_until(lambda: query_status(server.endpoint).stats.dropped.get("unauthenticated") == 2, 5.0,
+                   "both forged requests counted")
+        forger.setblocking(False)
+        with pytest.raises(BlockingIOError):  # and neither was answered
+            forger.recvfrom(2048)
+        # With the key the same request goes through (this is what the client's punch service sends).
+        assert register(forger, udp_server, alice.id, timeout=5.0, key=key)[0] == "127.0.0.1"
+        # An Id no server registered over TCP (a test tool) still uses the rendezvous without a MAC.
+        assert register(forger, udp_server, "C-00000000-0000-4000-8000-0000000000aa", timeout=5.0)[0] == "127.0.0.1"
+    assert query_status(server.endpoint).stats.dropped.get("unauthenticated") == 2

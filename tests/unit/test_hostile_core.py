@@ -96,7 +96,7 @@ def test_a_name_over_max_name_bytes_is_refused():
     core = ServerCore("S-1", "s1", "tcp://127.0.0.1:1", limits=Limits(max_name_bytes=8))
     [(_, error)] = decoded(core.receive(b"a", hello(A, name="é" * 5), 0.0))  # 10 bytes in UTF-8
     assert error.code == "bad-name" and len(core.table) == 0
-    assert decoded(core.receive(b"a", hello(A, name="é" * 4), 0.0))[0][1] == wire.Welcome("S-1", "s1")
+    assert decoded(core.receive(b"a", hello(A, name="é" * 4), 0.0))[0][1] == wire.Welcome("S-1", "s1", 0, core.rendezvous_keys[A])
 
 
 def test_control_messages_over_the_rate_are_dropped_and_counted_per_connection():
@@ -104,7 +104,7 @@ def test_control_messages_over_the_rate_are_dropped_and_counted_per_connection()
     replies = [core.receive(b"flood", wire.StatusRequest(), 0.0) for _ in range(100)]
     assert sum(1 for r in replies if r) == 5 and core.dropped == {"rate_limited": 95}
     # another connection is not affected, and the flooder gets a token back after 1/rate seconds
-    assert decoded(core.receive(b"a", hello(A), 0.0))[0][1] == wire.Welcome("S-1", "s1")
+    assert decoded(core.receive(b"a", hello(A), 0.0))[0][1] == wire.Welcome("S-1", "s1", 0, core.rendezvous_keys[A])
     assert core.receive(b"flood", wire.StatusRequest(), 0.1)
 
 

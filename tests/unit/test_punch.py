@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 from zbus import wire
 from zbus.punch import Kind, PunchLimits, PunchSession, State, punch_mac
-from zbus.rendezvous import REGISTRATION_TTL_S, SESSION_REUSE_S, Rendezvous
+import msgspec
+
+from zbus.rendezvous import REGISTRATION_TTL_S, SESSION_REUSE_S, Rendezvous, client_key, open_go, request_mac
 
 from .punchsim import run_punch
 
@@ -208,6 +210,35 @@ def test_rendezvous_refuses_unknown_or_expired_peers_and_calls_unnatted_peers_op
     assert go.peer_role == "open" and not go.refused
     [late] = rdv.handle(3 * REGISTRATION_TTL_S, "s", ("198.51.100.1", 1), _req("C-a", "C-b"))
     assert wire.decode(late.data).refused
+
+
+def _signed(key: bytes, request: wire.PunchRequest) -> wire.PunchRequest:
+    return msgspec.structs.replace(request, mac=request_mac(key, request))
+
+
+def test_a_registered_id_needs_its_key_and_gets_its_secret_sealed():
+    """Ids registered over TCP (a key from their Welcome) must MAC their UDP requests; their PunchGo
+    is MACed and its secret sealed. An Id without a key (e.g. zbus-node punch) works as before."""
+    keys = {"C-a": client_key(b"s" * 32, "C-a", "i-a"), "C-b": client_key(b"s" * 32, "C-b", "i-b")}
+    rdv = Rendezvous(random.Random(7).randbytes, keys.get)
+    forged = _req("C-b", private=("10.9.9.9",))
+    assert rdv.handle(0.0, "s", ("198.51.100.66", 6666), forged) == []  # someone else speaking for C-b
+    assert rdv.handle(0.0, "s", ("198.51.100.66", 6666), _signed(keys["C-a"], forged)) == []  # wrong key
+    assert rdv.unauthenticated == 2 and rdv.registered("C-b") is None
+    [ack] = rdv.handle(0.0, "s", ("203.0.113.102", 999), _signed(keys["C-b"], _req("C-b")))
+    assert wire.decode(ack.data) == wire.Observed(b"n", "203.0.113.102", 999)
+    tampered = msgspec.structs.replace(_signed(keys["C-a"], _req("C-a", "C-b")), port=1)
+    assert rdv.handle(0.1, "s", ("203.0.113.101", 4000), tampered) == []
+    to_a, to_b = (wire.decode(r.data) for r in
+                  rdv.handle(0.1, "s", ("203.0.113.101", 4000), _signed(keys["C-a"], _req("C-a", "C-b"))))
+    assert to_a.secret != to_b.secret  # each sealed with its own key, neither in clear
+    opened_a, opened_b = open_go(keys["C-a"], to_a), open_go(keys["C-b"], to_b)
+    assert opened_a.secret == opened_b.secret and len(opened_a.secret) == 32 and not opened_a.mac
+    assert open_go(keys["C-b"], to_a) is None  # not for C-b: the MAC does not match
+    assert open_go(keys["C-a"], msgspec.structs.replace(to_a, candidates=["198.51.100.66:6666"])) is None
+    # An Id nobody registered over TCP here still uses the rendezvous without a MAC.
+    [plain] = rdv.handle(0.2, "s", ("198.51.100.7", 7), _req("C-tool"))
+    assert isinstance(wire.decode(plain.data), wire.Observed)
 
 
 def test_the_simulated_symmetric_nat_defeats_plain_punching_without_birthday_probing():

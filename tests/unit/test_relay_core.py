@@ -20,7 +20,7 @@ def hello(client_id: str, name: str, instance: str, data_in: bytes, data_out: by
 def registered_core() -> ServerCore:
     core = ServerCore("S-1", "s1", "tcp://127.0.0.1:1", client_timeout=3.0)
     assert decoded(core.receive(b"a", hello(A, "alice", "i-a", A_IN, A_OUT), 0.0)) == [
-        (b"a", wire.Welcome("S-1", "s1"))]
+        (b"a", wire.Welcome("S-1", "s1", 0, core.rendezvous_keys[A]))]
     core.receive(b"b", hello(B, "bob", "i-b", B_IN, B_OUT), 0.0)
     core.flush(0.0)
     return core
@@ -54,7 +54,7 @@ def test_another_process_claiming_a_connected_id_is_refused():
 def test_the_same_process_reconnecting_takes_its_id_over():
     core = registered_core()
     [(_, welcome)] = decoded(core.receive(b"a2", hello(A, "alice", "i-a", A_IN, A_OUT), 0.0))
-    assert welcome == wire.Welcome("S-1", "s1")
+    assert welcome == wire.Welcome("S-1", "s1", 0, core.rendezvous_keys[A])
     assert core.relay(B_OUT, wire.Data(A), 1)[0] == A_IN
     assert b"a" in core.take_forgotten()
 
@@ -163,7 +163,7 @@ def test_a_repeated_hello_on_the_same_connection_changes_nothing_but_is_answered
     core = registered_core()
     version = core.table.version
     [(conn, welcome)] = decoded(core.receive(b"a", hello(A, "alice", "i-a", A_IN, A_OUT), 1.0))
-    assert (conn, welcome) == (b"a", wire.Welcome("S-1", "s1"))
+    assert (conn, welcome) == (b"a", wire.Welcome("S-1", "s1", 0, core.rendezvous_keys[A]))
     assert core.flush(1.0) == [] and core.table.version == version  # no delta, no second full list
     assert core.take_forgotten() == []  # the client's queues are kept
     assert core.relay(B_OUT, wire.Data(A), 1)[0] == A_IN
