@@ -156,7 +156,9 @@ def test_server_survives_15600_hostile_frames_counts_each_keeps_relaying_and_sta
             wire.Heartbeat(), wire.NetState(["10.9.9.9"]), wire.Resync(), wire.Bye())]
         send_all(spy, [sent_by_spy[0]], time.monotonic() + 5)
         heard_by_spy = [m[0] for m in recv_at_least(spy, 3, 5.0)]  # Welcome, ServerTable, client list
-        assert wire.decode(heard_by_spy[0]) == wire.Welcome(server.id, "target", MAX_FRAME)
+        welcome = wire.decode(heard_by_spy[0])
+        assert welcome == wire.Welcome(server.id, "target", MAX_FRAME, welcome.rendezvous_key)
+        assert len(welcome.rendezvous_key) == 32
         data_header = wire.encode(wire.Data(bob_id, spy_id, 1))
         captured = sent_by_spy + heard_by_spy + [data_header]
         garbage = Garbage(rng, captured)
