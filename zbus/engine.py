@@ -32,7 +32,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import netinfo, punchlink, sockets, wire
 from .sockets import recv_frames
-from .client_core import ClientCore
+from .client_core import ClientCore, SessionState
 from .config import ClientConfig
 from .errors import ConfigError
 from .ids import new_token
@@ -370,8 +370,11 @@ class Engine:
             # (re)consider which links to keep: on any change, and each second for retries
             self._planned_for, self._next_plan = self.routes, now + 1.0
             actions += links.plan(self.routes.clients, now, self.core.net)
-        if self._punch is None and links.can_punch and _behind_nat(self.core.net):
-            self._start_punch()  # as soon as we know we are behind a NAT: so that peers can invite us
+        if self._punch is None and links.can_punch and _behind_nat(self.core.net) \
+                and self.core.sessions[0].state is SessionState.REGISTERED:
+            # As soon as we know we are behind a NAT (so that peers can invite us), and once the
+            # rendezvous server's Welcome gave us the key our UDP requests must carry.
+            self._start_punch()
         self._apply_links(poller, actions)
 
     def _apply_links(self, poller: zmq.Poller, actions: list) -> None:

@@ -205,8 +205,12 @@ class LinkCore:
                 link = OutLink(peer, link_addresses(clients[peer].net), prelinked=True)
                 actions += self._dial(link, now)
         for peer in target:
-            if peer in self.out:
-                self.out[peer].prelinked = False  # a destination now (its failures back off as such)
+            link = self.out.get(peer)
+            if link is not None and link.prelinked and link.state == "dialing" and self.can_punch \
+                    and needs_punch(own, clients[peer].net):
+                actions += self._close(peer)  # a prelink dialed before we knew it needs a punch: punch now
+            elif link is not None:
+                link.prelinked = False  # a destination now (its failures back off as such)
                 continue
             when = self.retry_at.get(peer)
             if when is not None and now < when[0]:
@@ -246,8 +250,10 @@ class LinkCore:
             if peer in taken or peer == self.my_id or not info.net.listen:
                 continue
             when = self.prelink_retry_at.get(peer) or self.retry_at.get(peer)
-            if (when is not None and now < when[0]) or (self.can_punch and needs_punch(own, info.net)):
+            if when is not None and now < when[0]:
                 continue
+            if self.can_punch and (own is None or not own.public or not info.net.public or needs_punch(own, info.net)):
+                continue  # it needs a punch, or we cannot tell yet (public endpoints unknown)
             fresh.append(peer)
         return chosen + heapq.nsmallest(min(room - len(chosen), PRELINK_DIALS - dialing), fresh,
                                         key=self._prelink_order)

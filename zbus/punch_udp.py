@@ -49,8 +49,10 @@ def open_punch_socket(bind_ip: str = "0.0.0.0", port: int = 0) -> socket.socket:
 
 
 def _request(sock: socket.socket, server: Addr, own_id: str, to: str, nonce: bytes, hard: bool,
-             key: bytes = b"") -> None:
-    """One PunchRequest; MACed with ``key`` (our rendezvous key at that server, from its Welcome) if any."""
+             key: bytes | Callable[[], bytes] = b"") -> None:
+    """One PunchRequest; MACed with ``key`` (our rendezvous key at that server, from its Welcome; a
+    callable is asked at each send, so a retry uses a key that arrived meanwhile) if any."""
+    key = key() if callable(key) else key
     port = sock.getsockname()[1]
     private = [ip for ip in netinfo.private_addresses() if not ip.startswith("127.")]
     request = wire.PunchRequest(own_id, to, nonce, private, port, bool(hard))
@@ -90,7 +92,7 @@ def _exchange(sock: socket.socket, send: Callable[[], None], retry: float, first
 
 
 def register(sock: socket.socket, server: Addr, own_id: str, hard: bool = False,
-             timeout: float = 5.0, key: bytes = b"") -> Addr:
+             timeout: float = 5.0, key: bytes | Callable[[], bytes] = b"") -> Addr:
     """Register ``sock`` at the server's rendezvous; return our public endpoint as the server saw it."""
     nonce = os.urandom(8)
     seen = _exchange(sock, lambda: _request(sock, server, own_id, "", nonce, hard, key), REQUEST_RETRY_S,

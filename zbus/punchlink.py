@@ -45,6 +45,7 @@ PIPE_OPEN_S = 8.0  # how long both sides try to make the TCP pipe after punching
 CONNECT_TRY_S = 1.5  # one connect() attempt (covers one SYN retransmission at 1 s)
 PUNCH_TIMEOUT_S = 3.0  # waiting for the rendezvous answer (PunchGo)
 REGISTER_RETRY_S = 2.0
+KEY_CHECK_S = 0.25  # the loop notices a new rendezvous key (a Welcome) this fast, and re-registers with it
 
 
 def _reuse(sock: socket.socket) -> None:
@@ -162,6 +163,7 @@ class PunchService:
         self._wake_r, self._wake_w = socket.socketpair()
         self._stop = False
         self._next_register = 0.0
+        self._registered_key = b""  # the key our last registration was made with
         self._thread = threading.Thread(target=self._run, name=f"zbus-punch-{client_id[:10]}", daemon=True)
 
     def start(self) -> "PunchService":
@@ -207,10 +209,21 @@ class PunchService:
     def _run(self) -> None:
         while not self._stop:
             now = time.monotonic()
+            if self.key() != self._registered_key:
+                # A (new) Welcome gave us our key: the server now drops what is not MACed with it,
+                # so a registration made without it does not count; register again at once.
+                self._next_register = now
             if now >= self._next_register:
                 try:
+                    used: list[bytes] = []
+
+                    def key() -> bytes:  # asked at each retry: a Welcome may land meanwhile
+                        used.append(self.key())
+                        return used[-1]
+
                     self.public = register(self.sock, self.server, self.client_id, self.hard(), timeout=2.0,
-                                           key=self.key())
+                                           key=key)
+                    self._registered_key = used[-1]
                     self._next_register = time.monotonic() + 20.0
                 except (TimeoutError, OSError) as exc:
                     log.debug("punch registration at %s failed: %s", self.server, exc)
@@ -220,7 +233,7 @@ class PunchService:
             if self.requests:
                 self._punch(self.requests.popleft(), None)
                 continue
-            readable = select.select([self.sock, self._wake_r], [], [], min(1.0, next_register - now))[0]
+            readable = select.select([self.sock, self._wake_r], [], [], min(KEY_CHECK_S, next_register - now))[0]
             if self._wake_r in readable:
                 self._wake_r.recv(64)
             if self.sock in readable:

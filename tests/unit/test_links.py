@@ -165,7 +165,10 @@ def test_a_peer_we_send_to_takes_the_place_of_a_prelinked_one():
 
 
 def test_prelinks_skip_peers_that_linked_to_us_need_a_punch_or_do_not_listen():
-    clients = _listed(3)
+    clients = {f"C-p{i}": wire.ClientInfo(f"C-p{i}", f"p{i}", wire.NetState(
+        private=[f"198.51.100.{30 + i}"], listen=f"tcp://0.0.0.0:{4000 + i}", public=[f"198.51.100.{30 + i}:5000"]))
+        for i in range(3)}  # public hosts (no NAT)
+    clients["C-unknown"] = info("C-unknown", "tcp://0.0.0.0:4300")  # public endpoint not known yet: wait
     clients["C-nolisten"] = info("C-nolisten", "")
     natted = wire.NetState(private=["10.1.0.5"], listen="tcp://0.0.0.0:4100", public=["198.51.100.9:5000"])
     clients["C-natted"] = wire.ClientInfo("C-natted", "n", natted)

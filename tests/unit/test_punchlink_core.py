@@ -79,3 +79,19 @@ def test_a_pipe_is_dialed_as_a_punched_link_and_losing_it_falls_back():
 def test_helpers():
     assert server_udp("tcp://203.0.113.10:7700") == ("203.0.113.10", 7700)
     assert hard_from_public(["1.2.3.4:5", "1.2.3.5:6"]) and not hard_from_public(["1.2.3.4:5", "1.2.3.5:5"])
+
+
+def test_prelinks_wait_until_they_can_tell_a_punch_is_needed_and_a_destination_punches_at_once():
+    a = core(A, prelink=True)
+    unknown_b = wire.NetState(private=["10.2.0.2"], listen="tcp://0.0.0.0:4000")  # no public endpoint yet
+    assert a.plan({B: wire.ClientInfo(B, "b", unknown_b)}, 0.0, NATED_A) == []  # cannot tell yet: no prelink
+    assert a.plan({B: wire.ClientInfo(B, "b", NATED_B)}, 5.0, NATED_A) == []  # needs a punch: never a prelink
+    # A prelink that went out before our own public endpoint was known, then B becomes a destination:
+    early = core(A, prelink=True)
+    early.can_punch = False
+    [dial] = early.plan({B: wire.ClientInfo(B, "b", NATED_B)}, 0.0, None)
+    assert isinstance(dial, Dial) and early.out[B].prelinked
+    early.can_punch = True
+    early.want([B])
+    actions = early.plan({B: wire.ClientInfo(B, "b", NATED_B)}, 0.5, NATED_A)
+    assert [x.__class__ for x in actions] == [Close, PunchWanted]  # no 2 s handshake timeout first
