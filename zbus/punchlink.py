@@ -214,16 +214,10 @@ class PunchService:
                 # so a registration made without it does not count; register again at once.
                 self._next_register = now
             if now >= self._next_register:
-                try:
-                    used: list[bytes] = []
-
-                    def key() -> bytes:  # asked at each retry: a Welcome may land meanwhile
-                        used.append(self.key())
-                        return used[-1]
-
+                try:  # (the key is asked at each retry: a Welcome may land meanwhile)
                     self.public = register(self.sock, self.server, self.client_id, self.hard(), timeout=2.0,
-                                           key=key)
-                    self._registered_key = used[-1]
+                                           key=self.key)
+                    self._registered_key = self.key()
                     self._next_register = time.monotonic() + 20.0
                 except (TimeoutError, OSError) as exc:
                     log.debug("punch registration at %s failed: %s", self.server, exc)
