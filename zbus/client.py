@@ -124,7 +124,7 @@ class _ClientBase(DataPlane):
         self._link_in = self._engine.link_in
         self._ready: collections.deque[Message] = collections.deque()  # released from the reorder buffer
         self._wanted: set[str] = set()
-        self._tunneled_at: dict[str, float] = {}  # source -> when we last tunnelled it an ack
+        self._relay_acks_at = 0.0  # when acks through a relay (RelayAcks) may go next
         # dst -> (routes, socket, header prefix, stream) of its last send: while the engine's Routes
         # are the very same object, the path is too, and send skips path choice (the hot path).
         self._fast: dict[str, tuple] = {}

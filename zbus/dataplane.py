@@ -30,7 +30,7 @@ _MORE = int(zmq.SNDMORE)
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq's IntFlag arithmetic costs more than a small send
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _UPKEEP_S = 0.05  # acks and retransmission checks run this often while a stream is active
-_TUNNEL_ACK_S = 1.0  # acks tunnelled through a relay go at most this often per source
+_RELAY_ACK_S = 0.2  # acks through a relay (RelayAcks on the control connection) go at most this often
 _RESEND = "resend"  # SendStream.path marker: every retained message must go again
 _NO_SOCKET = object()  # the chosen link's socket is being replaced: wait for the next Routes
 _SEQ_PACK = struct.Struct(">BQ").pack  # wire.data_header's tail, inlined on the hot path
@@ -220,19 +220,32 @@ class DataPlane:
         """Engine thread, on a timer: acknowledge what we delivered; repeat what peers did not ack."""
         engine = self._engine
         busy = False
+        relay_acks: dict[int, list[tuple[str, int]]] = {}
+        relay_now = now >= self._relay_acks_at
         for src, upto in self._receiver.acks_due():
             busy = True
-            header = wire.encode(wire.Ack(upto))
-            if engine.ack_via_link(src, header):
+            if engine.ack_via_link(src, wire.encode(wire.Ack(upto))):
                 continue
-            # Through the relay the ack lands in the sender's data_in, read only if it calls recv:
-            # at most one a second, so a sender that never reads gets a trickle, not a flood.
-            if now - self._tunneled_at.get(src, -_TUNNEL_ACK_S) >= _TUNNEL_ACK_S and self._tunnel(src, header):
-                self._tunneled_at[src] = now
-                continue
+            # Through a relay: on the control connection of a server that lists the sender (RelayAcks),
+            # which the sender's engine reads, recv or not. Batched per server, at most every
+            # _RELAY_ACK_S, so they stay well under the servers' control rate limit.
+            if relay_now:
+                holders = engine.routes.holders.get(src)
+                batch = relay_acks.setdefault(holders[0], []) if holders else None
+                if batch is not None and len(batch) < wire.RELAY_ACKS_MAX:
+                    batch.append((src, upto))
+                    continue
             stream = self._receiver.streams.get(src)
             if stream is not None:
                 stream.acked_sent = 0  # due again at the next upkeep
+        if relay_now and relay_acks:
+            self._relay_acks_at = now + _RELAY_ACK_S
+            for index, acks in relay_acks.items():
+                if not engine.send_control(index, wire.encode(wire.RelayAcks(acks))):
+                    for src, _ in acks:
+                        stream = self._receiver.streams.get(src)
+                        if stream is not None:
+                            stream.acked_sent = 0
         if self._sender.streams:
             if self._tx_lock.acquire(blocking=False):
                 try:

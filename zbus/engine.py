@@ -127,6 +127,7 @@ class Engine:
         # The client's delivery upkeep (acks, retransmissions), run on this thread; returns when
         # it wants to run next (None: when something else wakes the loop).
         self.on_tick: Callable[[float], float | None] = lambda now: None
+        self._dealers: list[zmq.Socket] = []  # control connections by server index (set by the engine thread)
         net = wire.NetState(private=netinfo.private_addresses(), listen=self.listen_endpoint)
         self.core = ClientCore(client_id, config.name, net, list(config.servers), uuid.uuid4().hex,
                                data_in, data_out)
@@ -234,6 +235,16 @@ class Engine:
             pass
         return False
 
+    def send_control(self, index: int, header: bytes) -> bool:
+        """Engine thread: ``header`` to the server at ``index`` on its control connection, if it is up."""
+        if index >= len(self._dealers) or index not in self.routes.registered:
+            return False
+        try:
+            self._dealers[index].send(header, zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False
+
     def _note_ack(self, peer: str, ack: wire.Ack) -> None:
         if ack.upto > self.acked.get(peer, 0):
             self.acked[peer] = ack.upto
@@ -246,6 +257,7 @@ class Engine:
     # -- the thread -------------------------------------------------------------------------
     def _run(self) -> None:
         dealers: list[zmq.Socket] = []
+        self._dealers = dealers  # (the engine thread's own: send_control)
         monitors: list[zmq.Socket] = []
         try:
             for endpoint in self.config.servers:
@@ -574,6 +586,10 @@ class Engine:
             kind = header.__class__.__name__
             self.control_msgs[kind] = self.control_msgs.get(kind, 0) + 1
             self.control_bytes += len(frames[0])
+            if header.__class__ is wire.RelayAcks:  # delivery acks through this server (stamped by it)
+                for peer, upto in header.acks[:wire.RELAY_ACKS_MAX]:
+                    self._note_ack(peer, wire.Ack(upto))
+                continue
             for i, out in self.core.receive(index, header, now):
                 self._send_control(dealers[i], out)
 

@@ -171,6 +171,13 @@ class ServerCore:
         if isinstance(header, wire.Resync):
             self._needs_snapshot.add(conn)
             return []
+        if isinstance(header, wire.RelayAcks):
+            out = []
+            for sender, upto in header.acks[:wire.RELAY_ACKS_MAX]:  # to each sender's control connection
+                to = self._by_id.get(sender)
+                if to is not None:
+                    out.append((to.control, wire.encode(wire.RelayAcks([(registration.client_id, upto)])), None))
+            return out
         self.drop(DropReason.MALFORMED)
         return []
 

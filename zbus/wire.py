@@ -380,6 +380,18 @@ class LinkBye(_Msg):
     """Dialer -> listener: this link is being closed (forget its data connection)."""
 
 
+class RelayAcks(_Msg):
+    """Delivery acks through a server, on the control connections (read by the engine, so a sender
+    learns of them without calling ``recv``). Client -> server: ``acks`` = [(sender Id, upto)] for
+    streams we received through that server. Server -> client: [(the acking receiver's Id, upto)],
+    the Id stamped by the server from the connection, never taken from the client."""
+
+    acks: list[tuple[str, int]]
+
+
+RELAY_ACKS_MAX = 256  # acks in one RelayAcks: a client sends at most this many, a server reads no more
+
+
 class Ack(_Msg):
     """Delivery layer (``zbus.delivery``): the receiver has delivered the stream's messages up to
     ``upto`` (a cumulative sequence number, epoch included). Travels on the link control connection,
@@ -424,7 +436,7 @@ Header = Union[
     ClusterStatusRequest, ClusterStatusReply,
     RaftPreVote, RaftPreVoteResp, RaftVote, RaftVoteResp, RaftAppend, RaftAppendResp, RaftHeartbeat,
     RaftHeartbeatResp, RaftTimeoutNow,
-    LinkHello, LinkWelcome, LinkPing, LinkPong, LinkBye, Ack, AckRequest, Request, Reply,
+    LinkHello, LinkWelcome, LinkPing, LinkPong, LinkBye, Ack, AckRequest, Request, Reply, RelayAcks,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

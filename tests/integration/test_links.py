@@ -313,3 +313,22 @@ def test_async_clients_use_direct_links_too(start_server):
             assert {m.via for m in got} == {"direct"}
 
     asyncio.run(exchange())
+
+
+@pytest.mark.timeout(60)
+def test_a_pure_producer_through_a_relay_hears_acks_without_calling_recv(start_server, clients):
+    """Receivers ack relayed streams on their control connection (RelayAcks): the sender's engine reads
+    them, so what it retains for repair is released even by a producer that never calls recv."""
+    server = start_server("s1")
+    alice = connect(clients, [server], "alice", max_links=0)
+    bob = connect(clients, [server], "bob", max_links=0)
+    bob_id = alice.wait_peer("bob", 5.0)
+    for i in range(3000):
+        alice.send(bob_id, b"%d" % i)
+    assert [bob.recv(timeout=5.0).data for _ in range(3000)] == [b"%d" % i for i in range(3000)]
+    stream = alice._sender.streams[bob_id]
+    last = stream.next_seq - 1
+    wait_until(lambda: alice._engine.acked.get(bob_id, 0) >= last, 5.0, "bob's ack at alice's engine")
+    alice.send(bob_id, b"one more")  # applied on the next send: nothing of the 3,000 is kept any more
+    assert [seq for seq, _, _ in stream.retained] == [last + 1]
+    assert alice._engine.control_msgs.get("RelayAcks", 0) >= 1

@@ -170,3 +170,11 @@ def test_a_repeated_hello_on_the_same_connection_changes_nothing_but_is_answered
     core.receive(b"a", hello(A, "alice-2", "i-a", A_IN, A_OUT), 1.0)  # a changed name is published
     [delta] = [wire.decode(h) for _, h, _ in core.flush(2.0)][:1]
     assert [info.name for info in delta.upsert] == ["alice-2"]
+
+
+def test_relay_acks_go_to_each_senders_control_connection_stamped_with_the_receiver():
+    core = registered_core()
+    out = decoded(core.receive(b"b", wire.RelayAcks([(A, 41), ("C-nobody", 7), (A, 42)]), 0.1))
+    assert out == [(b"a", wire.RelayAcks([(B, 41)])), (b"a", wire.RelayAcks([(B, 42)]))]  # B, from b's connection
+    assert decoded(core.receive(b"zz", wire.RelayAcks([(A, 1)]), 0.1)) == []  # unregistered: dropped
+    assert core.dropped["unregistered"] == 1
