@@ -120,12 +120,17 @@ def test_room_under_max_links_is_filled_before_the_first_message_and_gives_way_t
     assert [m.data for m in got] == [b"%d" % i for i in range(100)]  # nothing lost or reordered on the switch
 
 
-@pytest.mark.timeout(60)
-def test_max_links_zero_keeps_every_message_on_the_relay(start_server, clients):
+def relay_pair(start_server, clients):
+    """One server, alice and bob with max_links=0 (relay only); returns (server, alice, bob, bob's Id)."""
     server = start_server("s1")
     alice = connect(clients, [server], "alice", max_links=0)
     bob = connect(clients, [server], "bob", max_links=0)
-    bob_id = alice.wait_peer("bob", 5.0)
+    return server, alice, bob, alice.wait_peer("bob", 5.0)
+
+
+@pytest.mark.timeout(60)
+def test_max_links_zero_keeps_every_message_on_the_relay(start_server, clients):
+    server, alice, bob, bob_id = relay_pair(start_server, clients)
     for i in range(2000):
         alice.send(bob_id, b"%d" % i)
         if i % 500 == 0:
@@ -319,10 +324,7 @@ def test_async_clients_use_direct_links_too(start_server):
 def test_a_pure_producer_through_a_relay_hears_acks_without_calling_recv(start_server, clients):
     """Receivers ack relayed streams on their control connection (RelayAcks): the sender's engine reads
     them, so what it retains for repair is released even by a producer that never calls recv."""
-    server = start_server("s1")
-    alice = connect(clients, [server], "alice", max_links=0)
-    bob = connect(clients, [server], "bob", max_links=0)
-    bob_id = alice.wait_peer("bob", 5.0)
+    _, alice, bob, bob_id = relay_pair(start_server, clients)
     for i in range(3000):
         alice.send(bob_id, b"%d" % i)
     assert [bob.recv(timeout=5.0).data for _ in range(3000)] == [b"%d" % i for i in range(3000)]
