@@ -235,17 +235,13 @@ class DataPlane:
                 if batch is not None and len(batch) < wire.RELAY_ACKS_MAX:
                     batch.append((src, upto))
                     continue
-            stream = self._receiver.streams.get(src)
-            if stream is not None:
-                stream.acked_sent = 0  # due again at the next upkeep
+            self._receiver.ack_again(src)  # due again at the next upkeep
         if relay_now and relay_acks:
             self._relay_acks_at = now + _RELAY_ACK_S
             for index, acks in relay_acks.items():
                 if not engine.send_control(index, wire.encode(wire.RelayAcks(acks))):
                     for src, _ in acks:
-                        stream = self._receiver.streams.get(src)
-                        if stream is not None:
-                            stream.acked_sent = 0
+                        self._receiver.ack_again(src)
         if self._sender.streams:
             if self._tx_lock.acquire(blocking=False):
                 try:

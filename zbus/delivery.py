@@ -274,3 +274,9 @@ class Receiver:
                 stream.acked_sent = upto
                 due.append((src, upto))
         return due
+
+    def ack_again(self, src: str) -> None:
+        """An ack that :meth:`acks_due` gave could not be sent: give it again next time."""
+        stream = self.streams.get(src)
+        if stream is not None:
+            stream.acked_sent = 0
