@@ -33,7 +33,7 @@ import zmq.backend
 from . import sockets, wire
 from .config import ClientConfig, load_client_config
 from .dataplane import (
-    _ACK_LOCK_WAIT_S, _LINK_SEQ_PACK, _MORE, _NO_SOCKET, _NOBLOCK_MORE, _SEND_COPY, _SEQ_PACK, BACKLOG_MAX, DataPlane,
+    _ACK_LOCK_WAIT_S, _LINK_SEQ_PACK, _MORE, _NO_SOCKET, _NOBLOCK_MORE, _WINDOW, _WINDOW_WAIT_S, _SEND_COPY, _SEQ_PACK, BACKLOG_MAX, DataPlane,
     Message, _AckWait, _Call, handler_error,
 )
 from .delivery import Receiver, Sender
@@ -67,6 +67,15 @@ class ServerLink:
     clients: int  # entries in that server's client list as we hold it
 
 
+def _backpressure(dst: str, limit: float, full: object) -> Backpressure:
+    """The error of a send that found no room for ``limit`` seconds (``full``: what was full)."""
+    if full is _WINDOW:
+        why = "it has not acknowledged what it was sent before (it does not read, or not fast enough)"
+    else:
+        why = "it or a server on the way does not keep up"
+    return Backpressure(f"no room towards {dst} for {limit}s ({why}); nothing of this message was sent")
+
+
 @dataclass(frozen=True)
 class ClientStatus:
     """An immutable snapshot of a client (``client.status()``)."""
@@ -79,7 +88,8 @@ class ClientStatus:
     control_bytes: int
     dropped: dict[str, int]
     # The delivery layer (docs/delivery.md): "gap_skipped" (messages given up on after gap_timeout),
-    # "duplicates", "reorder_overflow" (early arrivals not buffered), "resent", "unprotected".
+    # "duplicates", "reorder_overflow" (early arrivals not buffered), "resent", "window_waits" (sends
+    # that found their destination's window full and waited for its acks).
     delivery: dict[str, int] = field(default_factory=dict)
 
 
@@ -101,11 +111,12 @@ class _ClientBase(DataPlane):
         trust_dir: str | None = None,
         punch: bool | None = None,
         prelink: bool | None = None,
+        max_unacked: int | None = None,
     ) -> None:
         self.config: ClientConfig = load_client_config(
             config, servers=servers, name=name, listen=listen, max_links=max_links, id=id,
             connect_timeout=connect_timeout, max_frame=max_frame, key_file=key_file, trust_dir=trust_dir,
-            punch=punch, prelink=prelink,
+            punch=punch, prelink=prelink, max_unacked=max_unacked,
         )
         self.id: str = self.config.id or new_client_id()
         self.name: str = self.config.name
@@ -124,7 +135,8 @@ class _ClientBase(DataPlane):
         self._link_in = self._engine.link_in
         self._ready: collections.deque[Message] = collections.deque()  # released from the reorder buffer
         self._wanted: set[str] = set()
-        self._relay_acks_at = 0.0  # when acks through a relay (RelayAcks) may go next
+        self._relay_acked_at = 0.0  # when acks through a relay (RelayAcks) last went
+        self._acks_soon = False  # a stream asked for its ack early (dataplane._ack_soon)
         # dst -> (routes, socket, header prefix, stream) of its last send: while the engine's Routes
         # are the very same object, the path is too, and send skips path choice (the hot path).
         self._fast: dict[str, tuple] = {}
@@ -165,7 +177,7 @@ class _ClientBase(DataPlane):
         receiver, streams = self._receiver, list(self._sender.streams.values())
         delivery = {"gap_skipped": receiver.skipped, "duplicates": receiver.duplicates,
                     "reorder_overflow": receiver.overflow, "resent": sum(s.resent for s in streams),
-                    "unprotected": sum(s.unprotected for s in streams)}
+                    "window_waits": sum(s.window_waits for s in streams)}
         return ClientStatus(self.id, self.name, engine.core.master, links, dict(engine.control_msgs),
                             engine.control_bytes, dropped, delivery)
 
@@ -291,25 +303,27 @@ class Client(_ClientBase):
                 acked = self._engine.acked.get(dst)
                 if acked is not None and acked > stream.acked:
                     stream.ack(acked)
-                seq = stream.push(data, len(data))
-                try:  # _put, inlined; blocks up to SNDTIMEO on a full pipe
-                    if prefix is None and 0 < len(data) <= LINK_INLINE_MAX:
-                        _SEND_COPY(sock, _LINK_SEQ_PACK(seq) + data, 0)
-                    else:
-                        _SEND_COPY(sock, _LINK_SEQ_PACK(seq) if prefix is None else prefix + _SEQ_PACK(0xCF, seq), _MORE)
-                        if len(data) < ZERO_COPY_MIN:
-                            _SEND_COPY(sock, data, 0)
+                if len(stream.retained) < stream.max_msgs and stream.retained_bytes + len(data) <= stream.max_bytes:
+                    seq = stream.push(data, len(data))  # (SendStream.room, inlined: the window has room)
+                    try:  # _put, inlined; blocks up to SNDTIMEO on a full pipe
+                        if prefix is None and 0 < len(data) <= LINK_INLINE_MAX:
+                            _SEND_COPY(sock, _LINK_SEQ_PACK(seq) + data, 0)
                         else:
-                            sock.send(data, 0, copy=False)
-                    if self._upkeep_missed:  # the engine could not get the lock from this loop
-                        self._upkeep_missed = False
-                        self._sender_upkeep(time.monotonic())
-                    return seq
-                except zmq.Again:  # the pipe stayed full for SNDTIMEO already
-                    call = _Call(stream)
-                    call.seq = seq
-                    limit = self.config.send_timeout if timeout is None else timeout
-                    return self._send_waiting(dst, data, call, time.monotonic() + limit - _SEND_SLICE_S, limit)
+                            _SEND_COPY(sock, _LINK_SEQ_PACK(seq) if prefix is None else prefix + _SEQ_PACK(0xCF, seq),
+                                       _MORE)
+                            if len(data) < ZERO_COPY_MIN:
+                                _SEND_COPY(sock, data, 0)
+                            else:
+                                sock.send(data, 0, copy=False)
+                        if self._upkeep_missed:  # the engine could not get the lock from this loop
+                            self._upkeep_missed = False
+                            self._sender_upkeep(time.monotonic())
+                        return seq
+                    except zmq.Again:  # the pipe stayed full for SNDTIMEO already
+                        call = _Call(stream)
+                        call.seq = seq
+                        limit = self.config.send_timeout if timeout is None else timeout
+                        return self._send_waiting(dst, data, call, time.monotonic() + limit - _SEND_SLICE_S, limit)
             if self._closed:
                 raise ZbusError(f"{self.id} is closed")
             call = _Call(self._sender.streams.get(dst) or self._sender.stream(dst))
@@ -333,9 +347,10 @@ class Client(_ClientBase):
             left = deadline - time.monotonic()
             if left <= 0:
                 self._give_back(call)
-                raise Backpressure(f"no room towards {dst} for {limit}s (it or a server on the way does not keep "
-                                   "up); nothing of this message was sent")
-            if full is _NO_SOCKET:
+                raise _backpressure(dst, limit, full)
+            if full is _WINDOW:
+                self._wait_for_window(dst, min(left, _WINDOW_WAIT_S))
+            elif full is _NO_SOCKET:
                 routes = self._engine.routes
                 self._engine.wait_for(lambda r: r is not routes, min(0.05, left))
             elif more == _NOBLOCK_MORE:
@@ -545,14 +560,15 @@ class AsyncClient(_ClientBase):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         self._give_back(call)
-                        limit = self.config.send_timeout if timeout is None else timeout
-                        raise Backpressure(f"no room towards {dst} for {limit}s (it or a server on the way does "
-                                           "not keep up); nothing of this message was sent")
+                        raise _backpressure(dst, self.config.send_timeout if timeout is None else timeout, full)
             if full is None:
                 if ack:
                     await self._await_ack_async(dst, call.seq, max(0.0, deadline - time.monotonic()))
                 return
             wait_ms = max(1, min(_SLICE_MS, int(left * 1000)))
+            if full is _WINDOW:  # acks come on the engine thread: look again shortly
+                await asyncio.sleep(min(0.005, left))
+                continue
             if full is _NO_SOCKET or not any(full is data.out for data in self._engine.data):
                 # A link's socket may be closed by the engine once we let go of the lock, so it is
                 # never waited on outside it: retry shortly instead.

@@ -76,7 +76,9 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     id: str | None = None
     peers: list[str] = []
     max_frame: int = DEFAULT_MAX_FRAME
-    max_pending: int = 10_000  # relayed messages held for slow receivers before intake pauses
+    max_queue: int = 16_384  # relayed messages held for one receiver that does not keep up; more are dropped
+    max_pending: int = 65_536  # relayed messages held for all slow receivers together before intake pauses...
+    max_pending_bytes: int = 256 * 1024 * 1024  # ...or this many payload bytes
     client_timeout: float = 3.0  # seconds of silence after which a client is dropped from the list
     # Hostile input (docs/security.md): bounds on tables and on what one connection may send.
     max_clients: int = DEFAULT_MAX_CLIENTS  # registered clients; Hellos past this are refused
@@ -204,7 +206,8 @@ def load_server_config(config: str | os.PathLike | None = None, **overrides: Any
     if cfg.id is not None and not is_server_id(cfg.id):
         raise ConfigError(f"server.id (in {source}): {cfg.id!r} is not S-<uuid4>")
     _check_positive(cfg.max_frame, "server.max_frame", source)
-    _check_positive(cfg.max_pending, "server.max_pending", source)
+    for key in ("max_queue", "max_pending", "max_pending_bytes"):
+        _check_positive(getattr(cfg, key), f"server.{key}", source)
     if cfg.cluster_listen:
         parse_endpoint(cfg.cluster_listen, f"server.cluster_listen (in {source})", allow_port_zero=True)
     for key in ("dead_after", "peer_timeout", "raft_tick"):

@@ -30,9 +30,18 @@ _MORE = int(zmq.SNDMORE)
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq's IntFlag arithmetic costs more than a small send
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _UPKEEP_S = 0.05  # acks and retransmission checks run this often while a stream is active
-_RELAY_ACK_S = 0.2  # acks through a relay (RelayAcks on the control connection) go at most this often
+_RELAY_ACK_S = 0.2  # acks through a relay (RelayAcks on the control connection) go at most this often...
+_RELAY_ACK_SOON_S = 0.03  # ...or this often while a stream delivers fast (under the servers' control_rate)
+# A stream asks for its ack early (Engine.upkeep_soon) every this many messages delivered in order (a
+# mask on the sequence number), so that a fast sender's window (its retention) reopens well before it
+# fills; every _ACK_EVERY_BIG for payloads of _BIG bytes or more (the window is also bounded in bytes).
+_ACK_EVERY = 0x3FF
+_ACK_EVERY_BIG = 0x7F
+_BIG = 16384
 _RESEND = "resend"  # SendStream.path marker: every retained message must go again
 _NO_SOCKET = object()  # the chosen link's socket is being replaced: wait for the next Routes
+_WINDOW = object()  # the destination's window (its retention) is full: wait for its acks
+_WINDOW_WAIT_S = 0.2  # a send waiting for acks checks the time and the client this often
 _SEQ_PACK = struct.Struct(">BQ").pack  # wire.data_header's tail, inlined on the hot path
 _LINK_SEQ_PACK = LINK_SEQ.pack
 _LINK_SEQ_UNPACK = LINK_SEQ.unpack_from
@@ -123,7 +132,8 @@ class DataPlane:
 
     def _attempt(self, dst: str, data: Any, call: _Call, more: int) -> Any:
         """Move one message forward; the caller holds the send lock. Returns None when the message
-        is on its way, or the socket that was full (``_NO_SOCKET``: wait for new Routes).
+        is on its way, or the socket that was full (``_NO_SOCKET``: wait for new Routes; ``_WINDOW``:
+        the destination has a window's worth unacknowledged, nothing of this message was taken).
 
         ``more`` is the header's send flags: SNDMORE (blocks up to SNDTIMEO) or NOBLOCK|SNDMORE.
         Raises Unreachable / Disconnected (taking the message back if it never left).
@@ -158,8 +168,11 @@ class DataPlane:
             sock = engine.link_out.get(path)
             if sock is None:
                 return _NO_SOCKET
+        if call.seq is None and not stream.room(len(data)):
+            stream.window_waits += 1
+            return _WINDOW
         prefix = self._prefix(dst) if path.__class__ is int else None
-        if path != stream.path:
+        if path != stream.path or stream.resend_from:
             if dst not in self._wanted:
                 # A peer we send to: the engine links to it (by relay now), or keeps its link ahead of
                 # prelinked peers (a prelink already carries it).
@@ -170,11 +183,12 @@ class DataPlane:
                         self._ctl.send(b"want", zmq.NOBLOCK)  # wake the engine (close() uses it under this lock)
                     except zmq.ZMQError:
                         pass
-            for seq, payload, _ in stream.switch(path) if stream.path is not _RESEND else self._resend_all(stream, path):
+            repeats = self._repeats(stream, path)
+            for seq, payload, _ in repeats:
                 try:
                     self._put(sock, prefix, seq, payload, more)
                 except zmq.Again:
-                    stream.path = _RESEND
+                    stream.cut(seq, repeats)  # the rest goes next time, from here
                     return sock
                 if seq == call.seq:
                     call.transmitted = True
@@ -189,6 +203,19 @@ class DataPlane:
         call.transmitted = True
         self._fast[dst] = (routes, sock, prefix, stream, limit)
         return None
+
+    def _wait_for_window(self, dst: str, seconds: float) -> None:
+        """``dst``'s window is full: wait until its acks move or ``seconds`` pass, without the send
+        lock (the caller's, given back on return), so that sends to other destinations, and the
+        engine's upkeep, go on meanwhile."""
+        engine = self._engine
+        heard = engine.acked.get(dst, 0)
+        self._tx_lock.release()
+        try:
+            with engine.ack_changed:
+                engine.ack_changed.wait_for(lambda: engine.acked.get(dst, 0) != heard or self._closed, seconds)
+        finally:
+            self._tx_lock.acquire()
 
     @staticmethod
     def _give_back(call: _Call) -> None:
@@ -211,17 +238,23 @@ class DataPlane:
             sock.send(payload, 0, copy=False)
 
     @staticmethod
-    def _resend_all(stream: SendStream, path: Any) -> list:
-        stream.path = path
-        stream.resent += len(stream.retained)
-        return list(stream.retained)
+    def _repeats(stream: SendStream, path: Any) -> list:
+        """What must go (again) on ``path`` before anything new: everything retained after a path
+        change (or a lost session: ``_RESEND``), else the rest of a repeat a full pipe cut short."""
+        if path == stream.path:
+            return stream.rest()
+        if stream.path is not _RESEND:
+            return stream.switch(path)
+        return stream.repeat_all(path)
 
     def _upkeep(self, now: float) -> float | None:
         """Engine thread, on a timer: acknowledge what we delivered; repeat what peers did not ack."""
         engine = self._engine
         busy = False
         relay_acks: dict[int, list[tuple[str, int]]] = {}
-        relay_now = now >= self._relay_acks_at
+        relay_now = now - self._relay_acked_at >= (_RELAY_ACK_SOON_S if self._acks_soon else _RELAY_ACK_S)
+        if relay_now:
+            self._acks_soon = False
         for src, upto in self._receiver.acks_due():
             busy = True
             if engine.ack_via_link(src, wire.encode(wire.Ack(upto))):
@@ -237,7 +270,7 @@ class DataPlane:
                     continue
             self._receiver.ack_again(src)  # due again at the next upkeep
         if relay_now and relay_acks:
-            self._relay_acks_at = now + _RELAY_ACK_S
+            self._relay_acked_at = now
             for index, acks in relay_acks.items():
                 if not engine.send_control(index, wire.encode(wire.RelayAcks(acks))):
                     for src, _ in acks:
@@ -264,8 +297,8 @@ class DataPlane:
         busy = False
         for dst, stream in list(self._sender.streams.items()):
             acked = engine.acked.get(dst)
-            if acked is not None and (acked > stream.acked or (acked == stream.acked and not stream.heard)):
-                stream.ack(acked)  # (an equal one: "nothing yet", the receiver hears us)
+            if acked is not None and acked > stream.acked:
+                stream.ack(acked)
             if stream.retained:
                 busy = True
                 self._repair(dst, stream, now)
@@ -283,17 +316,18 @@ class DataPlane:
         sock = self._engine.data[path].out if path.__class__ is int else self._engine.link_out.get(path)
         if sock is None:
             return
-        if path != stream.path:
+        if path != stream.path or stream.resend_from:
             self._fast.pop(dst, None)
-            batch = stream.switch(path) if stream.path is not _RESEND else self._resend_all(stream, path)
+            batch = self._repeats(stream, path)
         elif path.__class__ is int:
             if path not in self._engine.routes.registered:
                 stream.path = _RESEND
                 self._fast.pop(dst, None)  # that server's session dropped: repeat everything when it is back
                 return
-            # A live relay path can still lose what a data connection's pipe held when it reconnected.
-            # Stalled acks mean something only if we read them (through a relay only recv does).
-            batch = stream.retransmit_due(now, RTO_MIN_RELAY) if stream.heard else []
+            # A live relay path can still lose what a data connection's pipe held when it reconnected,
+            # or its server dropped for a receiver that did not keep up (max_queue): repeat on stalled
+            # acks (they reach our engine on the control connections), even if none came yet.
+            batch = stream.retransmit_due(now, RTO_MIN_RELAY)
         else:
             batch = stream.retransmit_due(now)
         prefix = self._prefix(dst) if path.__class__ is int else None
@@ -301,7 +335,7 @@ class DataPlane:
             try:
                 self._put(sock, prefix, seq, payload, _NOBLOCK_MORE)
             except zmq.Again:
-                stream.path = _RESEND
+                stream.cut(seq, batch)  # the rest goes at the next upkeep (or send), from here
                 self._fast.pop(dst, None)
                 return
 
@@ -422,6 +456,8 @@ class DataPlane:
             if stream is not None and seq == stream.expected and not stream.early \
                     and len(payload) <= self._max_frame:
                 stream.expected = seq + 1  # Receiver.accept's in-order case, inlined (the hot path)
+                if not seq & _ACK_EVERY_BIG and (not seq & _ACK_EVERY or len(payload) >= _BIG):
+                    self._ack_soon()
                 return _new(_Message, (src, payload, via))  # = Message(...), without its Python __new__
             message = self._accept(src, seq or CONTROL_SEQ, payload, via)
             if message is not None:
@@ -460,6 +496,8 @@ class DataPlane:
                 if stream is not None and seq == stream.expected and not stream.early \
                         and len(payload) <= self._max_frame:
                     stream.expected = seq + 1  # Receiver.accept's in-order case, inlined (the hot path)
+                    if not seq & _ACK_EVERY_BIG and (not seq & _ACK_EVERY or len(payload) >= _BIG):
+                        self._ack_soon()
                     return _new(_Message, (src, payload, "relay"))
             else:
                 try:
@@ -478,6 +516,11 @@ class DataPlane:
             message = self._accept(src, seq, payload, "relay")
             if message is not None:
                 return message
+
+    def _ack_soon(self) -> None:
+        """A stream delivered a slice of its sender's window since its last ack: acknowledge soon."""
+        self._acks_soon = True
+        self._engine.upkeep_soon()
 
     def _accept(self, src: str, seq: int, payload: Any, via: str) -> Message | None:
         """Hand one arrival (a frame or a buffer) to the delivery layer; the next in-order message."""
@@ -503,6 +546,8 @@ class DataPlane:
         released = self._receiver.accept(src, seq, (payload, via), size)
         if not released:
             return None
+        if len(released) > _ACK_EVERY_BIG or not seq & _ACK_EVERY_BIG:
+            self._ack_soon()
         frame, via = released[0]
         if len(released) > 1:
             self._ready.extend(Message(src, bytes(f), v) for f, v in released[1:])

@@ -11,9 +11,13 @@ invisible: B gets every message exactly once and in A's order.
   messages (:meth:`SendStream.switch`). If acks stop advancing for the retransmission timeout while
   something is retained -- busy or idle, link or relay: a connection that drops and reconnects under
   a live path loses what was in its pipe, silently -- the oldest retained messages are sent again,
-  with exponential backoff (:meth:`SendStream.retransmit_due`).
-  Retention is bounded (``max_msgs``, ``max_bytes``): past it the oldest message leaves retention
-  unacknowledged (counted in ``unprotected``) and can no longer be repaired if its path fails.
+  with exponential backoff (:meth:`SendStream.retransmit_due`). A repeat that a full pipe cuts short
+  goes on from where it stopped at the next try (:meth:`SendStream.cut`, :meth:`SendStream.rest`),
+  never again from the start (that used to resend everything retained every 50 ms into a full pipe).
+  Retention is bounded (``max_msgs``, ``max_bytes``) and is the stream's **window**: a message is
+  taken only while :meth:`SendStream.room` says so (the client's ``send`` waits for acks otherwise,
+  then raises Backpressure), so every message sent stays repairable until acknowledged and one
+  slow destination holds back only the streams to it.
 * **Receiver** (:class:`Receiver`, one :class:`RecvStream` per source): delivers ``expected`` and
   whatever is buffered after it, drops duplicates, buffers messages that arrive early (bounded:
   past ``max_msgs``/``max_bytes`` an early message is dropped; the sender repairs it), and reports
@@ -43,10 +47,13 @@ DEFAULT_MAX_REORDER = 16_384  # early messages buffered per source
 DEFAULT_MAX_REORDER_BYTES = 64 * 1024 * 1024
 GAP_TIMEOUT = 10.0  # seconds a stream may hold early messages without progress before skipping the gap
 RTO_MIN = 1.0  # seconds without ack progress (link: acks every 50 ms) before the first retransmission
-RTO_MIN_RELAY = 3.0  # the same through a relay, where acks come at most once a second
+RTO_MIN_RELAY = 3.0  # the same through a relay (acks batched every 0.2 s, more hops to stall on)
 RTO_MAX = 8.0
 REPAIR_MSGS = 4096  # at most this many (oldest) retained messages per retransmission ...
 REPAIR_BYTES = 4 * 1024 * 1024  # ... and this many bytes (at least one message)
+
+
+_NO_END = 1 << 64  # above every sequence number
 
 
 def epoch_of(seq: int) -> int:
@@ -57,7 +64,7 @@ class SendStream:
     """One destination's outgoing stream. Owned by whoever holds the client's send lock."""
 
     __slots__ = ("epoch", "next_seq", "retained", "retained_bytes", "acked", "path", "max_msgs",
-                 "max_bytes", "unprotected", "resent", "heard", "_stall_acked", "_stall_since", "_rto")
+                 "max_bytes", "resent", "window_waits", "resend_from", "resend_to", "_stall_acked", "_stall_since", "_rto")
 
     def __init__(self, epoch: int, max_msgs: int = DEFAULT_MAX_UNACKED,
                  max_bytes: int = DEFAULT_MAX_UNACKED_BYTES) -> None:
@@ -69,27 +76,30 @@ class SendStream:
         self.path: Hashable | None = None  # the path the last message went by
         self.max_msgs = max_msgs
         self.max_bytes = max_bytes
-        self.unprotected = 0  # messages that left retention before being acknowledged
         self.resent = 0
-        self.heard = False  # an ack arrived: the sender reads acks (through a relay only its recv does)
+        self.window_waits = 0  # sends that found the window full and waited for acks
+        # A repeat (after a path change, or a retransmission) cut short by a full pipe: it goes on from
+        # resend_from (0: none) up to resend_to, on the next try.
+        self.resend_from = 0
+        self.resend_to = _NO_END
         self._stall_acked = -1  # the ack level the stall clock watches
         self._stall_since: float | None = None  # since when acks have not advanced (None: not watching)
         self._rto = 0.0  # 0: the path's minimum
 
+    def room(self, size: int) -> bool:
+        """May a message of ``size`` bytes be taken now (the window has room; one always fits alone)?"""
+        return not self.retained or (len(self.retained) < self.max_msgs and self.retained_bytes + size <= self.max_bytes)
+
     def push(self, payload: Any, size: int) -> int:
-        """Number a new message and retain it; return its sequence number."""
+        """Number a new message and retain it; return its sequence number. The caller asked
+        :meth:`room` first (the window is not enforced here)."""
         seq = self.next_seq
         self.next_seq = seq + 1
         if not (seq + 1) & _COUNTER_MASK:  # counter exhausted: continue as a new epoch
             self.epoch = (self.epoch + 1) & 0x7FFF_FFFF or 1
             self.next_seq = (self.epoch << COUNTER_BITS) | 1
-        retained = self.retained
-        retained.append((seq, payload, size))
+        self.retained.append((seq, payload, size))
         self.retained_bytes += size
-        if len(retained) > self.max_msgs or self.retained_bytes > self.max_bytes:
-            while len(retained) > self.max_msgs or (self.retained_bytes > self.max_bytes and len(retained) > 1):
-                self.retained_bytes -= retained.popleft()[2]
-                self.unprotected += 1
         return seq
 
     def unpush(self, seq: int) -> None:
@@ -103,10 +113,8 @@ class SendStream:
         if epoch_of(upto) not in (self.epoch, epoch_of(self.acked)):
             return  # for an earlier sender process's stream
         if upto <= self.acked:
-            self.heard = self.heard or upto == self.acked  # "still at this point": the receiver is there
             return
         self.acked = upto
-        self.heard = True
         self._rto = 0.0
         retained = self.retained
         while retained and retained[0][0] <= upto:
@@ -118,10 +126,30 @@ class SendStream:
             return []
         first = self.path is None
         self.path = path
+        self.resend_from, self.resend_to = 0, _NO_END
         if first or not self.retained:
             return []
         self.resent += len(self.retained)
         return list(self.retained)
+
+    def repeat_all(self, path: Hashable) -> list[tuple[int, Any, int]]:
+        """Everything retained goes again, on ``path`` (the previous path lost it all)."""
+        self.path = path
+        self.resend_from, self.resend_to = 0, _NO_END
+        self.resent += len(self.retained)
+        return list(self.retained)
+
+    def cut(self, seq: int, batch: list[tuple[int, Any, int]]) -> None:
+        """A full pipe stopped ``batch`` (a repeat) at ``seq``: the rest of it goes on the next try."""
+        self.resend_from, self.resend_to = seq, batch[-1][0]
+
+    def rest(self) -> list[tuple[int, Any, int]]:
+        """What a repeat cut short by a full pipe (:meth:`cut`) has still to send, oldest first."""
+        start, end = self.resend_from, self.resend_to
+        if not start:
+            return []
+        self.resend_from, self.resend_to = 0, _NO_END
+        return [entry for entry in self.retained if start <= entry[0] <= end]
 
     def retransmit_due(self, now: float, rto_min: float = RTO_MIN) -> list[tuple[int, Any, int]]:
         """Called on a timer: the oldest retained messages (at most REPAIR_MSGS / REPAIR_BYTES) to send

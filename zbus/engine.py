@@ -107,13 +107,15 @@ class Engine:
         self.link_out: dict[str, zmq.Socket] = {}  # peer -> data DEALER (replaced, never mutated)
         self.tokens: dict[bytes, tuple[str, str]] = {}  # data token on link_in -> (peer Id, via) (replaced)
         # Punched links (zbus.punchlink): the punch service thread, started when we are behind a NAT
-        # (to be invited) or want a punch; its events arrive in a deque, with a byte on a socket pair.
+        # (to be invited) or want a punch; its events arrive in a deque, with a byte on a socket pair
+        # (which also wakes the loop for upkeep_soon).
         self._punch: punchlink.PunchService | None = None
         self._punch_events: collections.deque[tuple] = collections.deque()
-        self._punch_wake_r, self._punch_wake_w = socket.socketpair()
-        self._punch_wake_r.setblocking(False)
-        self._punch_wake_w.setblocking(False)  # (a full pair already holds a wake-up)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)  # (a full pair already holds a wake-up)
         self._bridges: dict[str, punchlink.ProcessBridge] = {}  # peer -> the bridge our LinkCore knows
+        self._upkeep_soon = False  # a receiving thread asked for the delivery upkeep (acks) now
         self.acked: dict[str, int] = {}  # destination -> highest Ack heard (written by any thread)
         self.ack_changed = threading.Condition()  # notified when ``acked`` moves
         self.wanted: list[str] = []  # destinations the user sent to by relay (appended by user threads)
@@ -179,8 +181,8 @@ class Engine:
         else:
             self._ctl.close(linger=0)
             self._link_router.close(linger=0)
-            self._punch_wake_r.close()
-            self._punch_wake_w.close()
+            self._wake_r.close()
+            self._wake_w.close()
 
     def close_link_data(self) -> None:
         """After stop(), with the user's locks held: close the user-side link sockets."""
@@ -276,8 +278,8 @@ class Engine:
             self._link_ctl.clear()
             if self._punch is not None:
                 self._punch.stop()
-            self._punch_wake_r.close()
-            self._punch_wake_w.close()
+            self._wake_r.close()
+            self._wake_w.close()
             with self.changed:
                 self.routes = Routes(endpoints=self.routes.endpoints)
                 self.changed.notify_all()
@@ -309,7 +311,7 @@ class Engine:
 
     def _loop(self, dealers: list[zmq.Socket], monitors: list[zmq.Socket]) -> None:
         poller = zmq.Poller()
-        for sock in (self._ctl, *dealers, *monitors, self._link_router, self._punch_wake_r):
+        for sock in (self._ctl, *dealers, *monitors, self._link_router, self._wake_r):
             poller.register(sock, zmq.POLLIN)
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # one socket: see netcheck.py
         udp.bind(("0.0.0.0", 0))
@@ -347,7 +349,7 @@ class Engine:
                     self._drain_server(dealers, index, now)
             if udp.fileno() in events or udp in events:
                 self._on_udp(udp, dealers, now)
-            if self._punch_wake_r.fileno() in events or self._punch_wake_r in events:
+            if self._wake_r.fileno() in events or self._wake_r in events:
                 self._on_punch_events(now)
             self._connect_learnt(poller, dealers, monitors)
             for index, header in core.tick(now):
@@ -361,7 +363,8 @@ class Engine:
             self._publish()
             self._run_links(poller, now)
             self._publish()
-            if upkeep_at is None or now >= upkeep_at or self._link_router in events:
+            if upkeep_at is None or now >= upkeep_at or self._link_router in events or self._upkeep_soon:
+                self._upkeep_soon = False
                 upkeep_at = self.on_tick(now)
 
     # -- direct links -----------------------------------------------------------------------
@@ -450,17 +453,25 @@ class Engine:
                 self._post_punch_event, key=lambda: self.core.sessions[0].rendezvous_key).start()
         return self._punch
 
+    def upkeep_soon(self) -> None:
+        """Any thread: run the delivery upkeep (``on_tick``: acks) at the next turn of the loop."""
+        self._upkeep_soon = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # the pair is full (a wake-up is already there) or the engine is gone
+
     def _post_punch_event(self, event: tuple) -> None:
         """Punch service / bridge threads: hand an event to the engine thread and wake it."""
         self._punch_events.append(event)
         try:
-            self._punch_wake_w.send(b"x")
+            self._wake_w.send(b"x")
         except OSError:
             pass  # the engine is gone
 
     def _on_punch_events(self, now: float) -> None:
         try:
-            while self._punch_wake_r.recv(4096):
+            while self._wake_r.recv(4096):
                 pass
         except (BlockingIOError, OSError):
             pass

@@ -2,9 +2,12 @@
 
 The loop drains the socket in batches (``copy=False``; a payload frame is forwarded as received)
 and only moves bytes between the socket and the core. Relay sends use ``ROUTER_MANDATORY``: a
-destination whose pipe is full gets a per-destination queue, and when queued messages pass
-``max_pending`` the server stops reading until the queues drain, which pushes back on the senders
-through TCP instead of dropping or growing memory without bound. Only registered clients get
+destination whose pipe is full gets a per-destination queue of at most ``max_queue`` relayed
+messages; past it that destination's messages are dropped and counted (``slow_receiver``: their
+senders still hold them in their windows and repeat them), so one receiver that does not read
+does not hold up the others. When all queues together pass ``max_pending`` messages or
+``max_pending_bytes`` the server stops reading until they drain, which pushes back on every sender
+through TCP: memory never grows without bound. Only registered clients get
 such a queue: a reply to any other connection whose pipe is full is dropped and counted
 (``congested``), so a peer that sends requests and never reads cannot stall the server.
 
@@ -72,6 +75,7 @@ class Server:
         self.reflector: Reflector | None = None
         self._pending: dict[bytes, collections.deque] = {}
         self._pending_count = 0
+        self._pending_bytes = 0  # payload bytes in _pending
         self._warned: set[bytes] = set()
         self._log_budget = RateLimiter(1.0 / LOG_EVERY_S, LOG_BURST, max_keys=1)
         self._log_suppressed = 0
@@ -171,7 +175,7 @@ class Server:
         paused_total = 0.0  # the core's clock stops while we are not reading, so no one expires
         drained = False  # the last retry moved queued messages out: retry again at once
         while not self._stopping.is_set():
-            paused = self._pending_count >= self.config.max_pending
+            paused = self._pending_count >= self.config.max_pending or self._pending_bytes >= self.config.max_pending_bytes
             poll_started = time.monotonic()
             timeout = RETRY_MS if self._pending_count else POLL_MS
             due = core.next_flush()
@@ -340,14 +344,20 @@ class Server:
         self._unreachable_since.pop(conn, None)
         queued = self._pending.pop(conn, None)
         if queued:
-            self._pending_count -= len(queued)
+            self._unqueue_all(queued)
             self.core.drop(DropReason.UNROUTABLE, len(queued))
 
     def _send(self, router: zmq.Socket, conn: bytes, header: bytes, payload: Any, now: float) -> None:
         queued = self._pending.get(conn)
         if queued is not None:  # keep order behind what is already waiting
+            if payload is not None and len(queued) >= self.config.max_queue:
+                # This receiver does not keep up: its senders' windows (their retention) still
+                # hold the message and repeat it once acks stall, while everyone else's traffic flows.
+                self.core.drop(DropReason.SLOW_RECEIVER)
+                return
             queued.append((header, payload))
             self._pending_count += 1
+            self._pending_bytes += 0 if payload is None else len(payload)
             return
         try:
             self._send_now(router, conn, header, payload)
@@ -366,6 +376,12 @@ class Server:
             self._unreachable_since.setdefault(conn, now)
         self._pending[conn] = collections.deque([(header, payload)])
         self._pending_count += 1
+        self._pending_bytes += 0 if payload is None else len(payload)
+
+    def _unqueue_all(self, queued: collections.deque) -> None:
+        """``queued`` leaves the pending queues (its messages are dropped or were sent)."""
+        self._pending_count -= len(queued)
+        self._pending_bytes -= sum(0 if payload is None else len(payload) for _, payload in queued)
 
     @staticmethod
     def _send_now(router: zmq.Socket, conn: bytes, header: bytes, payload: Any) -> None:
@@ -386,6 +402,7 @@ class Server:
                     self._send_now(router, conn, header, payload)
                     queued.popleft()
                     self._pending_count -= 1
+                    self._pending_bytes -= 0 if payload is None else len(payload)
                     self._unreachable_since.pop(conn, None)
             except zmq.Again:
                 continue
@@ -395,7 +412,7 @@ class Server:
                 since = self._unreachable_since.setdefault(conn, now)
                 if self.core.is_receiver(conn) and now - since < ATTACH_GRACE_S:
                     continue
-                self._pending_count -= len(queued)
+                self._unqueue_all(queued)
                 self.core.drop(DropReason.UNROUTABLE, len(queued))
                 queued.clear()
                 self._unreachable_since.pop(conn, None)

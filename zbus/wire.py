@@ -50,6 +50,7 @@ class DropReason(str, enum.Enum):
     RATE_LIMITED = "rate_limited"  # a control message over its connection's rate (server: control_rate)
     REFUSED = "refused"  # a Hello the server answered with an Error (server full, bad Id or name, Id in use)
     CONGESTED = "congested"  # a reply not sent: the connection it was for does not read (its pipe is full)
+    SLOW_RECEIVER = "slow_receiver"  # a relayed message past its receiver's queue (max_queue); its sender repeats it
 
 
 class WireError(Exception):

@@ -151,7 +151,8 @@ def run(duration: float = 60.0, n_servers: int = 3, n_clients: int = 6, kill_eve
             worker.expect("ready", READY_TIMEOUT_S)
         for worker in workers:
             worker.tell("go")
-        log(f"chaos: {n_servers} servers, {n_clients} clients sending acked messages for {duration:.0f} s")
+        kind = "acked messages" if ack else "plain messages (no ack: 'acked' below counts sends that returned)"
+        log(f"chaos: {n_servers} servers, {n_clients} clients sending {kind} for {duration:.0f} s")
         started = time.monotonic()
         next_kill = started + kill_every * rng.uniform(0.5, 1.5)
         while (now := time.monotonic()) < started + duration:

@@ -15,8 +15,10 @@ import time
 import pytest
 
 import zbus
-from tests.integration.test_hostile import rss_kb
-from tests.integration.test_links import LOCAL, connect
+from tests.integration.test_hostile import config_file, rss_kb
+from tests.helpers import wait_until
+from tests.integration.test_links import LOCAL, Collector, connect
+from zbus.status import query_status
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -100,6 +102,8 @@ def test_a_receiver_that_does_not_read_pushes_back_and_loses_nothing(start_serve
         assert dst in alice._engine.routes.links  # the whole test ran on the link
     got = drain(deaf, len(sent))
     assert got == sent  # every message whose send returned, once, in order; none that raised
+    print(f"\n{len(sent)} messages sent before Backpressure; VmRSS growth (KB) {growth}; "
+          f"sender {alice.status().delivery}")
 
 
 def test_async_client_send_raises_backpressure_and_loses_nothing(start_server, clients):
@@ -155,3 +159,53 @@ def test_send_timeout_config_key_is_the_default(start_server, clients, tmp_path)
         alice.send(dst, payload(10**7))
     assert time.monotonic() - started < 0.1
     assert drain(deaf, len(sent)) == sent
+
+
+def test_a_receiver_that_does_not_read_holds_back_only_the_streams_to_it(start_server, clients, tmp_path):
+    """Two senders flood, through one server, a client that does not read. Each gets Backpressure
+    once its window (``max_unacked``: what that destination has not acknowledged) is full, and only
+    towards that destination; the server keeps at most ``max_queue`` messages for the deaf client and
+    drops what comes past that (counted ``slow_receiver``) instead of pausing, so a third client's
+    traffic through the same server flows meanwhile (with the old shared bound, ``max_pending``, the
+    server stopped reading for everyone). When the deaf client reads, every message whose ``send``
+    returned arrives once and in order per sender: the senders repeat what the server dropped."""
+    window = 10_000  # two of them: more than the pipes and TCP buffers to the deaf client hold, plus max_queue
+    server = start_server("s1", extra=config_file(tmp_path, max_queue=2000, max_pending=4000))
+    alice = connect(clients, [server], "alice", max_links=0, max_unacked=window)
+    bob = connect(clients, [server], "bob", max_links=0, max_unacked=window)
+    carol = connect(clients, [server], "carol", max_links=0)
+    deaf = connect(clients, [server], "deaf", max_links=0)
+    reader = connect(clients, [server], "reader", max_links=0)
+    dst = alice.wait_peer("deaf", 5.0)
+    bob.wait_peer("deaf", 5.0)
+    reader_id = carol.wait_peer("reader", 5.0)
+
+    sent = {alice.id: fill(alice, dst, timeout=1.0), bob.id: fill(bob, dst, timeout=1.0)}
+    assert [len(numbers) for numbers in sent.values()] == [window, window]  # the window, not a pipe, was full
+    with pytest.raises(zbus.Backpressure, match="has not acknowledged"):
+        alice.send(dst, payload(10**7), timeout=0.2)
+    assert alice.status().delivery["window_waits"] > 0
+    wait_until(lambda: query_status(server.endpoint).stats.dropped.get("slow_receiver", 0) > 0, 5.0,
+               "the server to count what it dropped for the deaf client")  # (its stats are refreshed every 0.5 s)
+
+    flowing = Collector(reader, 5000, timeout=10.0)
+    for i in range(5000):  # more than max_pending: this server still reads and relays for others
+        carol.send(reader_id, payload(i), timeout=2.0)
+    assert [int(m.data[:8]) for m in flowing.result(30.0)] == list(range(5000))
+
+    got: dict[str, list[int]] = {alice.id: [], bob.id: []}
+    started = time.monotonic()
+    while sum(map(len, got.values())) < 2 * window:
+        assert time.monotonic() - started < 60.0, {src: len(numbers) for src, numbers in got.items()}
+        try:  # a dropped message comes back once its sender's acks stall (3 s, doubling while repeats are dropped too)
+            message = deaf.recv(timeout=1.0)
+        except TimeoutError:
+            continue
+        got[message.src].append(int(message.data[:8]))
+    drained = time.monotonic() - started
+    with pytest.raises(TimeoutError):
+        deaf.recv(timeout=1.0)
+    assert got == sent
+    assert deaf.status().delivery["gap_skipped"] == 0
+    print(f"\n{2 * window} messages read in {drained:.1f}s; server dropped {query_status(server.endpoint).stats.dropped}; "
+          f"resent by alice {alice.status().delivery['resent']}, bob {bob.status().delivery['resent']}")

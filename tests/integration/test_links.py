@@ -207,7 +207,7 @@ def test_connections_reset_under_a_link_that_stays_up_lose_nothing(start_server,
                 resets += killed.stdout.count("ESTAB")
             collector.reading.set()
             # What waited in the reset connections is lost. This send returns once bob has everything
-            # up to it (repaired), so the sender's retention (max_unacked) still holds any loss.
+            # up to it (repaired): the sender's window (max_unacked) held all of it.
             alice.send(bob_id, i.to_bytes(4, "big"), ack=True, timeout=30.0)
         else:
             alice.send(bob_id, i.to_bytes(4, "big"))
@@ -215,7 +215,6 @@ def test_connections_reset_under_a_link_that_stays_up_lose_nothing(start_server,
     got = collector.result(60.0)
     assert resets >= 3, f"ss -K reset only {resets} connections"
     assert alice.status().delivery["resent"] > 0  # the resets did lose messages: they were repaired
-    assert alice.status().delivery["unprotected"] == 0
     assert [int.from_bytes(m.data, "big") for m in got] == list(range(total)), "lost, repeated or reordered"
     assert bob.status().delivery["gap_skipped"] == 0
     vias = {via: sum(1 for m in got if m.via == via) for via in ("direct", "relay")}

@@ -71,7 +71,7 @@ def test_name_resolution_finds_the_id_and_forgets_a_client_that_left(start_serve
 
 def test_server_killed_makes_send_raise_disconnected_within_2s(start_server, clients):
     server = start_server()
-    alice, bob = connect(clients, server, "alice"), connect(clients, server, "bob")
+    alice, _bob = connect(clients, server, "alice"), connect(clients, server, "bob")
     bob_id = alice.wait_peer("bob", 5.0)
     server.kill()
     killed = time.monotonic()

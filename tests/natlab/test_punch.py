@@ -206,7 +206,7 @@ def test_punched_path_survives_30s_idle_with_keepalives_and_dies_without(natlab)
     kept_a.send_line("send 2")
     kept_a.wait_event("data", text="echo 1", timeout=5.0)
     assert not [e for e in idle_b.events() if e["event"] == "data"]
-    print(f"\nafter 30 s idle: keepalive path delivered, path without keepalive was dropped by the NAT")
+    print("\nafter 30 s idle: keepalive path delivered, path without keepalive was dropped by the NAT")
 
 
 def test_tcp_simultaneous_open_connects_two_hosts_behind_cone_nats(natlab):

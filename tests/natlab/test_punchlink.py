@@ -311,8 +311,8 @@ def test_bulk_64k_streams_go_over_the_punched_and_the_direct_link(natlab):
     lab = natlab
     build_two_cones(lab, a_side=("a", "a2"), public=("c",))
     start_server(lab)
-    b = worker(lab, "b", "b-bench")
-    c = worker(lab, "c", "c-bench")
+    worker(lab, "b", "b-bench")  # (the lab ends it)
+    worker(lab, "c", "c-bench")
     to_b = worker(lab, "a", "a-bench")
     to_c = worker(lab, "a2", "a2-bench")
     to_b.send_line("peer b-bench")

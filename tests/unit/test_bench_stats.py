@@ -11,7 +11,6 @@ from zbus.bench.harness import CASES, DEFAULT_CASES, build_parser, plan_jobs, ru
 from zbus.bench.stats import (
     BASELINES,
     Result,
-    Summary,
     format_table,
     median_or_none,
     percentile,

@@ -13,7 +13,7 @@ from zbus.raft import ConfChangeOp, RaftStatus, Role
 
 
 def row(server_id: str, instance: str = "i", started_at: float = 1.0) -> wire.ClusterServer:
-    return wire.ClusterServer(server_id, server_id.lower(), instance, f"tcp://10.0.0.1:7700",
+    return wire.ClusterServer(server_id, server_id.lower(), instance, "tcp://10.0.0.1:7700",
                               f"tcp://{server_id}:7701", started_at)
 
 

@@ -43,15 +43,19 @@ def test_acks_release_retention_and_a_path_switch_resends_the_rest():
     assert stream.switch("direct") == []
 
 
-def test_retention_is_bounded_and_counts_what_it_gave_up():
+def test_the_window_is_the_retention_bound_and_acks_reopen_it():
     stream = SendStream(3, max_msgs=3, max_bytes=1000)
-    for i in range(5):
-        stream.push(i, 1)
-    assert [m[1] for m in stream.retained] == [2, 3, 4] and stream.unprotected == 2
+    seqs = []
+    while stream.room(1) and len(seqs) < 10:
+        seqs.append(stream.push(len(seqs), 1))
+    assert len(seqs) == 3 and not stream.room(1)  # full at max_msgs: nothing was given up
+    stream.ack(seqs[0])
+    assert stream.room(1) and [m[1] for m in stream.retained] == [1, 2]
     big = SendStream(3, max_msgs=100, max_bytes=25)
-    for i in range(5):
-        big.push(i, 10)
-    assert [m[1] for m in big.retained] == [3, 4]
+    assert big.room(1000)  # an empty window takes one message of any size
+    big.push(0, 10)
+    big.push(1, 10)
+    assert big.room(5) and not big.room(6)  # bytes: 20 + 6 > 25
 
 
 def test_an_idle_unacknowledged_stream_is_retransmitted_with_backoff():
@@ -207,10 +211,25 @@ def test_a_hole_at_the_very_start_is_acked_as_nothing_yet_so_the_sender_repairs_
     for i, seq in enumerate(seqs[3:], 3):  # the first three were lost (dropped before the receiver's
         assert receiver.accept("A", seq, i, 1) == []  # data connection was up): the rest waits
     [(_, upto)] = receiver.acks_due()
-    assert upto == stream.acked and not stream.heard
+    assert upto == stream.acked
     stream.ack(upto)
-    assert stream.heard and receiver.acks_due() == []  # once, not on every upkeep
+    assert receiver.acks_due() == []  # once, not on every upkeep
     stream.retransmit_due(0.0, 3.0)
     repaired = stream.retransmit_due(3.0, 3.0)
     delivered = [p for seq, p, size in repaired for p in receiver.accept("A", seq, p, size)]
     assert delivered == list(range(10))
+
+
+def test_a_repeat_cut_short_by_a_full_pipe_goes_on_from_where_it_stopped_and_no_further():
+    stream = SendStream(3)
+    seqs = [stream.push(i, 1) for i in range(10)]
+    stream.switch("relay-0")
+    batch = stream.retransmit_due(0.0, 1.0) or stream.retransmit_due(1.0, 1.0)
+    assert [m[1] for m in batch] == list(range(10))
+    stream.cut(seqs[4], batch[:7])  # the pipe took 0..3 of a repeat of 0..6
+    stream.ack(seqs[1])
+    assert [m[1] for m in stream.rest()] == [4, 5, 6]  # not again from the start, not past the repeat
+    assert stream.rest() == [] and stream.resend_from == 0
+    stream.cut(seqs[5], batch)
+    assert [m[1] for m in stream.switch("direct")] == list(range(2, 10))  # a new path takes everything
+    assert stream.resend_from == 0
