@@ -20,6 +20,7 @@ HELLO_RETRY_MAX = 4.0  # ... doubling up to this (a loaded server is not asked e
 HEARTBEAT = 1.0  # seconds between Heartbeats to a registered server (servers expire after 3 s)
 PROBE_INTERVAL = 1.0  # seconds between UDP probes of a server's reflector until it answers
 PROBE_TRIES = 5
+ALT_NONCE = b"/alt"  # appended to a probe's nonce for the reflector's alternate port (reflector.ALT_PORT_OFFSET)
 # A fresh connection first asks the server's reflector for our public endpoint and waits at most this
 # long for the answer, so the Hello already carries it: one list delta per join, not Hello + NetState.
 HELLO_PROBE_WAIT = 0.2
@@ -48,6 +49,7 @@ class ServerSession:
         self.next_heartbeat: float | None = None
         self.refusal: wire.Error | None = None
         self.observed: str | None = None  # "ip:port" this server's reflector saw our UDP socket as
+        self.observed_alt: str | None = None  # ... and its alternate port did (differs: a symmetric NAT)
         self.probe_nonce = b""
         self.next_probe: float | None = None
         self.probes_left = 0
@@ -128,7 +130,7 @@ class ClientCore:
         if session.state is SessionState.REFUSED:
             return  # keep the refusal visible; a new connection retries
         session.state = SessionState.DOWN
-        session.observed = None  # a new connection asks again (the NAT may have moved us)
+        session.observed = session.observed_alt = None  # a new connection asks again (the NAT may have moved us)
         session.next_probe = None
         session.next_hello = None
         session.next_heartbeat = None
@@ -220,17 +222,24 @@ class ClientCore:
         return due
 
     def observed(self, nonce: bytes, ip: str, port: int, now: float) -> list[Output]:
-        """A reflector answered: remember our public endpoint; report a changed net state."""
+        """A reflector answered (its main port: ``nonce``; its alternate port: ``nonce + ALT_NONCE``):
+        remember our public endpoint; report a changed net state. ``public`` holds every distinct
+        endpoint seen, so more than one port means a symmetric NAT (punchlink.hard_from_public)."""
         for session in self.sessions:
+            if session.probe_nonce and nonce == session.probe_nonce + ALT_NONCE:
+                session.observed_alt = f"{ip}:{port}"
+                return self._report(msgspec.structs.replace(self.net, public=self._public()))
             if session.probe_nonce and session.probe_nonce == nonce:
                 session.observed = f"{ip}:{port}"
                 session.next_probe = None
-                public = sorted({s.observed for s in self.sessions if s.observed})
-                out = self._report(msgspec.structs.replace(self.net, public=public))
+                out = self._report(msgspec.structs.replace(self.net, public=self._public()))
                 if session.state is SessionState.HELLO_SENT:
                     out += self._hello(session, now)  # it was waiting for this answer
                 return out
         return []
+
+    def _public(self) -> list[str]:
+        return sorted({o for s in self.sessions for o in (s.observed, s.observed_alt) if o})
 
     def set_private(self, addresses: list[str]) -> list[Output]:
         """The interfaces' addresses now (polled by the engine): report them if they changed."""

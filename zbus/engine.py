@@ -32,7 +32,8 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import netinfo, punchlink, sockets, wire
 from .sockets import recv_frames
-from .client_core import ClientCore, SessionState
+from .client_core import ALT_NONCE, ClientCore, SessionState
+from .reflector import ALT_PORT_OFFSET
 from .config import ClientConfig
 from .errors import ConfigError
 from .ids import new_token
@@ -548,10 +549,12 @@ class Engine:
             self._pending_link_actions += self.links.on_link_message(peer, header, now)
 
     def _probe(self, udp: socket.socket, index: int, nonce: bytes) -> None:
-        """Ask server ``index``'s UDP reflector (same host and port number as its endpoint)."""
+        """Ask server ``index``'s UDP reflector (same host and port number as its endpoint), and its
+        alternate port (a different answer: our NAT is symmetric)."""
         host, _, port = self.core.sessions[index].endpoint.removeprefix("tcp://").rpartition(":")
         try:
             udp.sendto(wire.encode(wire.Probe(nonce)), (host.strip("[]"), int(port)))
+            udp.sendto(wire.encode(wire.Probe(nonce + ALT_NONCE)), (host.strip("[]"), int(port) + ALT_PORT_OFFSET))
         except OSError as exc:  # unresolvable or unreachable: the net state just lacks this entry
             log.debug("UDP probe to %s failed: %s", host, exc)
 

@@ -18,15 +18,18 @@ one server's rendezvous (the first configured server), serves invitations (``Pun
 punches the engine asks for. The blocking driver of :mod:`zbus.punch_udp` runs here, never in the
 engine thread. Results go to the engine as events (a queue plus a wake-up byte on a socket pair).
 
-Limits: one punch at a time per client; a birthday path (one side behind a symmetric NAT) is
-punched but TCP cannot follow it, so those pairs stay on the relay (QUIC over the punched UDP
-socket is the measured fallback, not done here).
+A *birthday* path (one side behind a symmetric NAT: found by many sockets on the hard side probing
+the easy side, :mod:`zbus.punch`) has no TCP port to follow; its pipe is KCP over the punched UDP
+socket itself, in the same bridge process (:class:`~zbus.punchbridge.KcpPump`).
+
+Limits: one punch at a time per client; symmetric <-> symmetric stays on the relay.
 """
 
 from __future__ import annotations
 
 import collections
 import errno
+import importlib.util
 import logging
 import select
 import socket
@@ -35,11 +38,14 @@ import time
 from typing import Callable
 
 from . import wire
-from .punchbridge import TARGET_CTL, TARGET_DATA, ProcessBridge, big_buffers
+from .punch import birthday_mode
+from .punchbridge import TARGET_CTL, TARGET_DATA, ProcessBridge, big_buffers, kcp_conv
 from .punch_udp import CANCEL_CHECK_S, PunchFailed, open_punch_socket, register, renewer, run_punch, wait_go
 from .rendezvous import open_go
 
 log = logging.getLogger("zbus.punchlink")
+
+KCP_AVAILABLE = importlib.util.find_spec("siokcp") is not None  # the pipe of birthday paths (KcpPump)
 
 PIPE_OPEN_S = 8.0  # how long both sides try to make the TCP pipe after punching (SYNs lost, starved threads late)
 CONNECT_TRY_S = 1.5  # one connect() attempt (covers one SYN retransmission at 1 s)
@@ -164,6 +170,7 @@ class PunchService:
         self._stop = False
         self._next_register = 0.0
         self._registered_key = b""  # the key our last registration was made with
+        self._registered_hard = False  # ... and the NAT kind it told
         self._thread = threading.Thread(target=self._run, name=f"zbus-punch-{client_id[:10]}", daemon=True)
 
     def start(self) -> "PunchService":
@@ -209,15 +216,18 @@ class PunchService:
     def _run(self) -> None:
         while not self._stop:
             now = time.monotonic()
-            if self.key() != self._registered_key:
+            if self.key() != self._registered_key or self.hard() != self._registered_hard:
                 # A (new) Welcome gave us our key: the server now drops what is not MACed with it,
-                # so a registration made without it does not count; register again at once.
+                # so a registration made without it does not count; register again at once. The
+                # same when we learn that our NAT is symmetric (the reflector's alternate port
+                # answers after the main one): the server gives the punch roles from it.
                 self._next_register = now
             if now >= self._next_register:
                 try:  # (the key is asked at each retry: a Welcome may land meanwhile)
-                    self.public = register(self.sock, self.server, self.client_id, self.hard(), timeout=2.0,
+                    hard = self.hard()
+                    self.public = register(self.sock, self.server, self.client_id, hard, timeout=2.0,
                                            key=self.key)
-                    self._registered_key = self.key()
+                    self._registered_key, self._registered_hard = self.key(), hard
                     self._next_register = time.monotonic() + 20.0
                 except (TimeoutError, OSError) as exc:
                     log.debug("punch registration at %s failed: %s", self.server, exc)
@@ -254,12 +264,18 @@ class PunchService:
                 go = wait_go(self.sock, self.server, self.client_id, hard, PUNCH_TIMEOUT_S, peer_id=peer, key=key)
                 renew = renewer(self.sock, self.server, self.client_id, peer, hard, key)
             path = run_punch(self.sock, self.client_id, go, renew=renew, cancelled=self._stopping)
-            if path.sock is not self.sock:  # a birthday path on an extra socket: no TCP port to match
-                path.sock.close()
-                raise PunchFailed(None, "punched a birthday path (symmetric NAT): TCP cannot follow it; "
-                                        "QUIC over the punched path is not implemented; use the relay")
-            piping = True
-            pipe = self._open_pipe_answering(path, go.session)
+            kcp = None
+            if birthday_mode(go.role, go.peer_role):
+                # One side behind a symmetric NAT: the path is a UDP 4-tuple found by birthday probing,
+                # which no TCP connection can follow (its port is another mapping). The pipe is KCP
+                # over that very UDP socket, in the bridge process.
+                if not KCP_AVAILABLE:
+                    raise PunchFailed(None, "punched a birthday path (symmetric NAT), but siokcp (KCP) is "
+                                            "not installed; use the relay")
+                pipe, kcp = path.sock, (path.peer_addr, kcp_conv(go.session))
+            else:
+                piping = True
+                pipe = self._open_pipe_answering(path, go.session)
         except (PunchFailed, TimeoutError, OSError) as exc:
             log.info("client %s: punch with %s failed: %s", self.client_id, peer, exc)
             if piping:
@@ -270,7 +286,7 @@ class PunchService:
                 self.post(("failed", peer, str(exc)))
             return
         try:
-            bridge = ProcessBridge(peer, pipe, self.targets, go.controlling, self._bridge_closed)
+            bridge = ProcessBridge(peer, pipe, self.targets, go.controlling, self._bridge_closed, kcp=kcp)
         except OSError as exc:
             log.warning("client %s: %s", self.client_id, exc)
             if requester:

@@ -171,8 +171,9 @@ def main() -> None:
                     blast(client, peer, int(words[1]), int(words[2]))
                 elif words[0] == "expect":
                     receiver.expect(int(words[1]), float(words[2]))
-                elif words[0] == "reset":
+                elif words[0] == "reset":  # reset TOKEN: answered with {"event": "reset", "token": TOKEN}
                     receiver.reset()
+                    emit("reset", token=words[1] if len(words) > 1 else "")
                 elif words[0] == "path":
                     emit("now", **path_of(client, peer))
                 elif words[0] == "quit":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -28,12 +29,13 @@ RATE = 1000  # messages per second: the 10,000-message stream spans 10 s, across
 NATS = ("none", "cone", "symmetric")
 # What A (sender) -> B gets, as kind of A's link to B. A public peer (B on "none") is dialed directly;
 # a NATed B is punched (a public A's plain TCP connect reaches B's punch port through the hole B
-# opened); cone <-> symmetric is punched over UDP (birthday) but TCP cannot follow: relay.
+# opened); cone <-> symmetric is punched over UDP by birthday probing and carried by KCP over that
+# UDP path (no TCP can follow it); symmetric <-> symmetric stays on the relay.
 EXPECTED = {
     ("none", "none"): "direct", ("cone", "none"): "direct", ("symmetric", "none"): "direct",
     ("none", "cone"): "punched", ("none", "symmetric"): "punched",
-    ("cone", "cone"): "punched", ("cone", "symmetric"): "relay",
-    ("symmetric", "cone"): "relay", ("symmetric", "symmetric"): "relay",
+    ("cone", "cone"): "punched", ("cone", "symmetric"): "punched",
+    ("symmetric", "cone"): "punched", ("symmetric", "symmetric"): "relay",
 }
 
 
@@ -58,9 +60,18 @@ def pair(lab: NatLab, a_host: str, b_host: str, tag: str):
     return a, b
 
 
+def reset(b) -> None:
+    """B forgets what it received, and says so before anyone sends: a stream started while B had
+    not yet read its reset lost its first messages to it (the matrix's rare "9,950 of 10,000, missing
+    1-50" was this: the first batch of 50 goes at once)."""
+    token = uuid.uuid4().hex
+    b.send_line(f"reset {token}")
+    b.wait_event("reset", timeout=20.0, token=token)
+
+
 def stream(a, b, n: int = STREAM, rate: int = RATE, timeout: float = 60.0) -> dict:
     """A sends n numbered messages to B; returns B's report (asserted complete and in order)."""
-    b.send_line("reset")
+    reset(b)
     a.send_line(f"send {n} {rate}")
     a.wait_line(lambda line: '"event": "sent"' in line and f'"n": {n}' in line, timeout, what="the stream sent")
     before = len([e for e in b.events() if e["event"] == "received"])
@@ -102,8 +113,9 @@ def test_cone_cone_punched_link_carries_a_stream_in_order(natlab):
 
 def run_streams(cells: dict, n: int, rate: int, timeout: float) -> dict:
     """Every cell's A streams to its B at once; returns each B's report (asserted complete, in order)."""
-    for a, b in cells.values():
-        b.send_line("reset")
+    for _, b in cells.values():
+        reset(b)
+    for a, _ in cells.values():
         a.send_line(f"send {n} {rate}")
     for a, b in cells.values():
         a.wait_line(lambda line: '"event": "sent"' in line, timeout, what="the stream sent")
@@ -230,7 +242,7 @@ def test_dead_punched_path_falls_back_to_relay_without_loss(natlab):
     lab = natlab
     a, b = cone_pair(lab, "fb")
     n, rate = 10_000, 1000
-    b.send_line("reset")
+    reset(b)
     a.send_line(f"send {n} {rate}")
     punched = a.wait_event("path", timeout=20.0, kind="punched")
     port = punched["address"].rpartition(":")[2]  # B's end of the pipe (its router keeps the port)

@@ -172,3 +172,16 @@ def test_unanswered_hellos_back_off_and_a_late_second_welcome_keeps_the_list():
     assert set(core.routes().clients) == {"C-1"}
     core.receive(0, wire.Welcome("S-a", "a"), now)  # the answer to a repeated Hello
     assert set(core.routes().clients) == {"C-1"} and core.sessions[0].synced
+
+
+def test_the_reflectors_alternate_port_tells_a_symmetric_nat_with_one_server():
+    from zbus.client_core import ALT_NONCE
+    from zbus.punchlink import hard_from_public
+    for alt_port, hard in ((4000, False), (4711, True)):  # cone: the same mapping; symmetric: another
+        core = core_with(["tcp://a:1"])
+        core.transport_up(0, 10.0)
+        [(_, nonce)] = core.probes(10.0)
+        core.observed(nonce + ALT_NONCE, "203.0.113.7", alt_port, 10.01)  # (may come first)
+        [hello] = _hellos(core.observed(nonce, "203.0.113.7", 4000, 10.02))
+        assert hard_from_public(hello.net.public) is hard, hello.net.public
+        assert len(hello.net.public) == (2 if hard else 1)
