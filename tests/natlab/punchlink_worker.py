@@ -125,6 +125,22 @@ def send(client: zbus.Client, peer: str, n: int, rate: float) -> None:
     emit("sent", n=n, seconds=round(time.monotonic() - start, 3), delivery=client.status().delivery)
 
 
+def watch(client: zbus.Client, peer: str, seconds: float, kind: str) -> None:
+    """Emit every change of the path to ``peer`` (as ``send`` does) until it is ``kind`` or ``seconds``
+    pass; then {"event": "watched", "kind": ...}. Catches a link that is up only briefly."""
+    start = time.monotonic()
+    last = None
+    now = path_of(client, peer)
+    while now["kind"] != kind and time.monotonic() - start < seconds:
+        if (now["kind"], now["address"]) != last:
+            last = (now["kind"], now["address"])
+            emit("path", t=round(time.monotonic() - start, 3), **now)
+        time.sleep(WATCH_EVERY_S)  # (sampling a state for the record, bounded by ``seconds``)
+        now = path_of(client, peer)
+    emit("path", t=round(time.monotonic() - start, 3), **now)
+    emit("watched", kind=now["kind"])
+
+
 def blast(client: zbus.Client, peer: str, n: int, size: int) -> None:
     """n messages of ``size`` bytes as fast as possible, the last one acknowledged: throughput."""
     payload = b"x" * size
@@ -171,6 +187,8 @@ def main() -> None:
                     blast(client, peer, int(words[1]), int(words[2]))
                 elif words[0] == "expect":
                     receiver.expect(int(words[1]), float(words[2]))
+                elif words[0] == "watch":  # watch SECONDS KIND
+                    watch(client, peer, float(words[1]), words[2])
                 elif words[0] == "reset":  # reset TOKEN: answered with {"event": "reset", "token": TOKEN}
                     receiver.reset()
                     emit("reset", token=words[1] if len(words) > 1 else "")
