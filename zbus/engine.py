@@ -387,7 +387,7 @@ class Engine:
             self._planned_for, self._next_plan = self.routes, now + 1.0
             actions += links.plan(self.routes.clients, now, self.core.net)
         if self._punch is None and links.can_punch and _behind_nat(self.core.net) \
-                and self.core.sessions[0].state is SessionState.REGISTERED:
+                and any(s.state is SessionState.REGISTERED for s in self.core.sessions):
             # As soon as we know we are behind a NAT (so that peers can invite us), and once the
             # rendezvous server's Welcome gave us the key our UDP requests must carry.
             self._start_punch()
@@ -427,7 +427,7 @@ class Engine:
                 self.link_out = {**self.link_out, action.peer: out}
                 log.info("client %s: link to %s up (%s)", self.client_id, action.peer, action.endpoint)
             elif action.__class__ is PunchWanted:
-                self._start_punch().request(action.peer)
+                self._start_punch().request(action.peer, self.routes.holders.get(action.peer, ()))
             elif action.__class__ is Close:
                 if action.pipe:
                     bridge = self._bridges.pop(action.peer, None)
@@ -449,10 +449,15 @@ class Engine:
         if self._punch is None:
             data_endpoint = self.link_in.getsockopt_string(zmq.LAST_ENDPOINT)
             self._punch = punchlink.PunchService(
-                self.client_id, punchlink.server_udp(self.config.servers[0]), self.listen_endpoint,
+                self.client_id, self._rendezvous_servers, self.listen_endpoint,
                 data_endpoint, lambda: punchlink.hard_from_public(self.core.net.public),
-                self._post_punch_event, key=lambda: self.core.sessions[0].rendezvous_key).start()
+                self._post_punch_event, key=lambda index: self.core.sessions[index].rendezvous_key).start()
         return self._punch
+
+    def _rendezvous_servers(self) -> dict[int, tuple[str, int]]:
+        """(The punch thread's view) every server we are registered with: index -> its UDP rendezvous."""
+        return {s.index: punchlink.server_udp(s.endpoint) for s in list(self.core.sessions)
+                if s.state is SessionState.REGISTERED}
 
     def upkeep_soon(self) -> None:
         """Any thread: run the delivery upkeep (``on_tick``: acks) at the next turn of the loop."""

@@ -14,9 +14,10 @@ is reached by the NATed side's plain connect. Both sides send the punch session 
 whose first 16 bytes differ is dropped.
 
 :class:`PunchService` is one thread per client that owns the punch socket: it keeps it registered at
-one server's rendezvous (the first configured server), serves invitations (``PunchGo``) and runs
-punches the engine asks for. The blocking driver of :mod:`zbus.punch_udp` runs here, never in the
-engine thread. Results go to the engine as events (a queue plus a wake-up byte on a socket pair).
+the rendezvous of every server the client is registered with (each with that server's key), serves
+invitations (``PunchGo``, from whichever server) and runs punches the engine asks for, each at a
+server that lists the peer (so two clients configured with different first servers still meet).
+The blocking driver of :mod:`zbus.punch_udp` runs here, never in the engine thread. Results go to the engine as events (a queue plus a wake-up byte on a socket pair).
 
 A *birthday* path (one side behind a symmetric NAT: found by many sockets on the hard side probing
 the easy side, :mod:`zbus.punch`) has no TCP port to follow; its pipe is KCP over the punched UDP
@@ -152,34 +153,38 @@ class PunchService:
     ``("failed", peer, reason)`` or ``("down", peer, bridge)``; the engine applies them.
     """
 
-    def __init__(self, client_id: str, server: tuple[str, int], ctl_endpoint: str, data_endpoint: str,
-                 hard: Callable[[], bool], post: Callable[[tuple], None],
-                 key: Callable[[], bytes] = lambda: b"") -> None:
+    def __init__(self, client_id: str, servers: Callable[[], dict[int, tuple[str, int]]], ctl_endpoint: str,
+                 data_endpoint: str, hard: Callable[[], bool], post: Callable[[tuple], None],
+                 key: Callable[[int], bytes] = lambda index: b"") -> None:
+        """``servers()``: the rendezvous (UDP) address of every server we are registered with, by
+        server index; ``key(index)``: our rendezvous key at that server (its Welcome), which MACs our
+        requests there and opens its PunchGos. Both are asked again at every use (from this thread)."""
         self.client_id = client_id
-        self.server = server
-        self.key = key  # our rendezvous key at that server (its Welcome): MACs our requests, opens its PunchGos
+        self.servers = servers
+        self.key = key
         self.targets = {TARGET_CTL: _target(ctl_endpoint), TARGET_DATA: _target(data_endpoint)}
         self.hard = hard
         self.post = post
         self.sock = open_punch_socket()
         self.public: tuple[str, int] | None = None
-        self.requests: collections.deque[str] = collections.deque()
+        self.requests: collections.deque[tuple[str, tuple[int, ...]]] = collections.deque()
         self.bridges: dict[str, ProcessBridge] = {}
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._stop = False
-        self._next_register = 0.0
-        self._registered_key = b""  # the key our last registration was made with
-        self._registered_hard = False  # ... and the NAT kind it told
+        # Per server index: (when to register again, the key and the NAT kind the last one told).
+        self._registered: dict[int, tuple[float, bytes, bool]] = {}
+        self._ok: set[int] = set()  # the servers whose last registration was answered
         self._thread = threading.Thread(target=self._run, name=f"zbus-punch-{client_id[:10]}", daemon=True)
 
     def start(self) -> "PunchService":
         self._thread.start()
         return self
 
-    def request(self, peer: str) -> None:
-        """Ask for a punched link to ``peer`` (any thread); answered by an "up" or "failed" event."""
-        self.requests.append(peer)
+    def request(self, peer: str, holders: tuple[int, ...] = ()) -> None:
+        """Ask for a punched link to ``peer`` (any thread), at one of the servers ``holders`` (the
+        indexes of those that list it; empty: any); answered by an "up" or "failed" event."""
+        self.requests.append((peer, tuple(holders)))
         self._wake()
 
     def _wake(self) -> None:
@@ -216,43 +221,64 @@ class PunchService:
     def _run(self) -> None:
         while not self._stop:
             now = time.monotonic()
-            if self.key() != self._registered_key or self.hard() != self._registered_hard:
-                # A (new) Welcome gave us our key: the server now drops what is not MACed with it,
-                # so a registration made without it does not count; register again at once. The
-                # same when we learn that our NAT is symmetric (the reflector's alternate port
-                # answers after the main one): the server gives the punch roles from it.
-                self._next_register = now
-            if now >= self._next_register:
-                try:  # (the key is asked at each retry: a Welcome may land meanwhile)
-                    hard = self.hard()
-                    self.public = register(self.sock, self.server, self.client_id, hard, timeout=2.0,
-                                           key=self.key)
-                    self._registered_key, self._registered_hard = self.key(), hard
-                    self._next_register = time.monotonic() + 20.0
-                except (TimeoutError, OSError) as exc:
-                    log.debug("punch registration at %s failed: %s", self.server, exc)
-                    self._next_register = time.monotonic() + REGISTER_RETRY_S
+            servers = self.servers()
+            due = [index for index in servers if self._registration_due(index, now)]
+            if due:
+                for index in due:  # (each a short UDP exchange: answered in milliseconds, or 2 s)
+                    self._register(index, servers[index])
                 continue
-            next_register = self._next_register
             if self.requests:
-                self._punch(self.requests.popleft(), None)
+                peer, holders = self.requests.popleft()
+                index = next((i for i in holders if i in self._ok and i in servers), None)
+                if index is None:
+                    index = min(set(servers) & self._ok, default=None)
+                if index is None:
+                    self.post(("failed", peer, "not registered at any rendezvous yet"))
+                else:
+                    self._punch(peer, None, index, servers[index])
                 continue
-            readable = select.select([self.sock, self._wake_r], [], [], min(KEY_CHECK_S, next_register - now))[0]
+            next_register = min((at for at, _, _ in self._registered.values()), default=now + KEY_CHECK_S)
+            readable = select.select([self.sock, self._wake_r], [], [],
+                                     max(0.0, min(KEY_CHECK_S, next_register - now)))[0]
             if self._wake_r in readable:
                 self._wake_r.recv(64)
             if self.sock in readable:
                 try:
-                    datagram, _ = self.sock.recvfrom(65535)
+                    datagram, source = self.sock.recvfrom(65535)
                     message = wire.decode(datagram)
                 except (OSError, wire.WireError):
                     continue
                 if isinstance(message, wire.PunchGo) and not message.refused:
-                    go = open_go(self.key(), message)
-                    if go is not None:  # else not from our server (a forged invitation): ignored
-                        self._punch(go.peer, go)
+                    # Whose is it? The server it came from first (an endpoint given by name cannot
+                    # be matched by address), then any other: its MAC says (open_go).
+                    for index in sorted(servers, key=lambda i: servers[i] != source):
+                        go = open_go(self.key(index), message)
+                        if go is not None:  # (None from all: not from one of our servers, ignored)
+                            self._punch(go.peer, go, index, servers[index])
+                            break
 
-    def _punch(self, peer: str, go: wire.PunchGo | None) -> None:
-        """Punch towards ``peer`` (requester when ``go`` is None), then make the pipe and bridge."""
+    def _registration_due(self, index: int, now: float) -> bool:
+        """Register at server ``index`` now? Every 20 s; at once when its key changed (a new Welcome:
+        the server drops what is not MACed with it) or we learnt that our NAT is symmetric (the
+        reflector's alternate port answers after the main one: the server gives the punch roles from it)."""
+        at, key, hard = self._registered.get(index, (0.0, b"", False))
+        return now >= at or self.key(index) != key or self.hard() != hard
+
+    def _register(self, index: int, server: tuple[str, int]) -> None:
+        hard = self.hard()
+        key = self.key(index)
+        try:
+            self.public = register(self.sock, server, self.client_id, hard, timeout=2.0, key=lambda: self.key(index))
+            self._registered[index] = (time.monotonic() + 20.0, key, hard)
+            self._ok.add(index)
+        except (TimeoutError, OSError) as exc:
+            log.debug("punch registration at %s failed: %s", server, exc)
+            self._registered[index] = (time.monotonic() + REGISTER_RETRY_S, key, hard)
+            self._ok.discard(index)
+
+    def _punch(self, peer: str, go: wire.PunchGo | None, index: int, server: tuple[str, int]) -> None:
+        """Punch towards ``peer`` (requester when ``go`` is None) with the rendezvous of server
+        ``index`` at ``server``, then make the pipe and bridge."""
         start = time.monotonic()
         hard = self.hard()
         requester = go is None
@@ -260,9 +286,9 @@ class PunchService:
         try:
             renew = None
             if go is None:
-                key = self.key()
-                go = wait_go(self.sock, self.server, self.client_id, hard, PUNCH_TIMEOUT_S, peer_id=peer, key=key)
-                renew = renewer(self.sock, self.server, self.client_id, peer, hard, key)
+                key = self.key(index)
+                go = wait_go(self.sock, server, self.client_id, hard, PUNCH_TIMEOUT_S, peer_id=peer, key=key)
+                renew = renewer(self.sock, server, self.client_id, peer, hard, key)
             path = run_punch(self.sock, self.client_id, go, renew=renew, cancelled=self._stopping)
             kcp = None
             if birthday_mode(go.role, go.peer_role):
@@ -335,7 +361,8 @@ class PunchService:
         conntrack (CLOSE, TIME_WAIT: up to 2 min) still hold, and the pipe could not be made."""
         old, self.sock = self.sock, open_punch_socket()
         old.close()
-        self._next_register = 0.0  # register the new socket now
+        self._registered.clear()  # register the new socket now, everywhere
+        self._ok.clear()
 
     def _bridge_closed(self, bridge: ProcessBridge) -> None:
         with self._lock:

@@ -286,6 +286,35 @@ def test_cone_cone_punches_with_20_percent_loss(natlab):
     assert first_time(a, "punched") is not None, paths(a)
 
 
+
+def test_peers_that_know_different_servers_punch_at_a_common_one(natlab):
+    """A is configured with server s1 only, B with s2 only (the two form a cluster): each learns the
+    other server, registers its punch socket at both rendezvous, and A's punch goes to a server that
+    lists B. Before, the rendezvous was the first configured server only: A asked s1, where B was not
+    registered, and the pair stayed on the relay."""
+    lab = natlab
+    for host in ("s1", "s2"):
+        lab.add_public_host(host)
+    lab.add_router("ra", nat="cone")
+    lab.add_router("rb", nat="cone")
+    lab.add_host("a", router="ra")
+    lab.add_host("b", router="rb")
+    lab.build()
+    start_server(lab)
+    second = f"tcp://{lab.addr('s2')}:7700"
+    proc = lab.popen("s2", [sys.executable, "-m", "zbus.cli", "server", "--listen", second, "--peer", SERVER])
+    proc.wait_line(lambda line: "listening on" in line, timeout=20.0, what="the second server's ready line")
+    b = worker(lab, "b", "b-two", server=second)
+    a = worker(lab, "a", "a-two")
+    a.send_line("peer b-two")
+    a.wait_event("peer", timeout=30.0)
+    report = stream(a, b, n=3000, rate=1000, timeout=60.0)
+    if first_time(a, "punched") is None:
+        a.send_line("watch 20 punched")
+        a.wait_event("watched", timeout=30.0)
+    print(f"\ntwo servers: paths {[(p['kind'], p['t']) for p in paths(a)]}, received via {report['via']}")
+    assert first_time(a, "punched") is not None, (paths(a), a.stderr_text()[-2000:], b.stderr_text()[-2000:])
+
 IDLE_S = 30.0
 
 
