@@ -226,12 +226,17 @@ class ClientCore:
         remember our public endpoint; report a changed net state. ``public`` holds every distinct
         endpoint seen, so more than one port means a symmetric NAT (punchlink.hard_from_public)."""
         for session in self.sessions:
+            # Probing goes on (PROBE_TRIES) until both ports answered: a lost answer from the
+            # alternate port would hide a symmetric NAT.
             if session.probe_nonce and nonce == session.probe_nonce + ALT_NONCE:
                 session.observed_alt = f"{ip}:{port}"
+                if session.observed:
+                    session.next_probe = None
                 return self._report(msgspec.structs.replace(self.net, public=self._public()))
             if session.probe_nonce and session.probe_nonce == nonce:
                 session.observed = f"{ip}:{port}"
-                session.next_probe = None
+                if session.observed_alt:
+                    session.next_probe = None
                 out = self._report(msgspec.structs.replace(self.net, public=self._public()))
                 if session.state is SessionState.HELLO_SENT:
                     out += self._hello(session, now)  # it was waiting for this answer

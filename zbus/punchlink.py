@@ -52,6 +52,7 @@ PIPE_OPEN_S = 8.0  # how long both sides try to make the TCP pipe after punching
 CONNECT_TRY_S = 1.5  # one connect() attempt (covers one SYN retransmission at 1 s)
 PUNCH_TIMEOUT_S = 3.0  # waiting for the rendezvous answer (PunchGo)
 REGISTER_RETRY_S = 2.0
+BIRTHDAY_ANSWER_S = 1.0  # the controlled side answers NOMINATEs on a birthday path at most this long
 KEY_CHECK_S = 0.25  # the loop notices a new rendezvous key (a Welcome) this fast, and re-registers with it
 
 
@@ -298,6 +299,8 @@ class PunchService:
                 if not KCP_AVAILABLE:
                     raise PunchFailed(None, "punched a birthday path (symmetric NAT), but siokcp (KCP) is "
                                             "not installed; use the relay")
+                if not go.controlling:
+                    self._answer_until_peer_speaks(path)
                 pipe, kcp = path.sock, (path.peer_addr, kcp_conv(go.session))
             else:
                 piping = True
@@ -329,6 +332,20 @@ class PunchService:
                  time.monotonic() - start)
         self.post(("up", peer, bridge, address))
         bridge.start()
+
+    @staticmethod
+    def _answer_until_peer_speaks(path) -> None:
+        """The controlled side of a birthday path, before its socket goes to the KCP pump (which
+        ignores punch packets): keep answering the controlling side's NOMINATE, whose ACK may have
+        been lost, until that side's first KCP datagram shows it has the path (KCP repeats the
+        datagram read here), at most BIRTHDAY_ANSWER_S."""
+        end = time.monotonic() + BIRTHDAY_ANSWER_S
+        while (left := end - time.monotonic()) > 0:
+            try:
+                if path.poll(left):
+                    return
+            except OSError:
+                return
 
     def _open_pipe_answering(self, path, session: bytes) -> socket.socket:
         """:func:`open_pipe`, while a helper thread keeps answering the peer's punch packets.

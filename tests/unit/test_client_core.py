@@ -123,7 +123,10 @@ def test_a_fresh_connection_asks_the_reflector_first_so_its_hello_carries_the_pu
     [hello] = _hellos(core.observed(nonce, "203.0.113.7", 4000, 10.01))
     assert hello.net.public == ["203.0.113.7:4000"]
     core.receive(0, wire.Welcome("S-a", "a"), 10.02)
-    assert core.probes(11.5) == []  # answered already: no second round after the Welcome
+    assert core.probes(11.5) == [(0, nonce)]  # the alternate port has not answered: ask both again
+    from zbus.client_core import ALT_NONCE
+    core.observed(nonce + ALT_NONCE, "203.0.113.7", 4000, 11.51)
+    assert core.probes(13.0) == []  # both answered: no more rounds
 
 
 def test_without_an_answer_the_hello_goes_after_the_probe_wait_and_probing_goes_on():
