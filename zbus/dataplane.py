@@ -75,12 +75,13 @@ class Message(NamedTuple):
 class _Call:
     """One message on its way through ``send`` (several attempts if sockets are full)."""
 
-    __slots__ = ("stream", "seq", "transmitted")
+    __slots__ = ("stream", "seq", "transmitted", "waited")
 
     def __init__(self, stream: SendStream) -> None:
         self.stream = stream
         self.seq: int | None = None
         self.transmitted = False
+        self.waited = False  # found the window full (counted once per send)
 
 
 class _AckWait:
@@ -169,7 +170,9 @@ class DataPlane:
             if sock is None:
                 return _NO_SOCKET
         if call.seq is None and not stream.room(len(data)):
-            stream.window_waits += 1
+            if not call.waited:
+                call.waited = True
+                stream.window_waits += 1
             return _WINDOW
         prefix = self._prefix(dst) if path.__class__ is int else None
         if path != stream.path or stream.resend_from:
