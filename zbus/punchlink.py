@@ -238,7 +238,9 @@ class PunchService:
                 else:
                     self._punch(peer, None, index, servers[index])
                 continue
-            next_register = min((at for at, _, _ in self._registered.values()), default=now + KEY_CHECK_S)
+            # (only servers we are connected to: the entry of one that went away stays behind, overdue)
+            next_register = min((self._registered[i][0] for i in servers if i in self._registered),
+                                default=now + KEY_CHECK_S)
             readable = select.select([self.sock, self._wake_r], [], [],
                                      max(0.0, min(KEY_CHECK_S, next_register - now)))[0]
             if self._wake_r in readable:
