@@ -56,6 +56,11 @@ LOG_EVERY_S = 10.0  # ...then one per this many seconds; the rest are counted an
 MAX_WARNED = 4096  # connections remembered as already warned about
 
 
+
+def _size(payload: Any) -> int:
+    """The bytes a queued message holds (a control message queued without a payload: none)."""
+    return 0 if payload is None else len(payload)
+
 class Server:
     """A zbus relay server. ``run()`` blocks; ``start()`` runs it in an owned thread."""
 
@@ -357,7 +362,7 @@ class Server:
                 return
             queued.append((header, payload))
             self._pending_count += 1
-            self._pending_bytes += 0 if payload is None else len(payload)
+            self._pending_bytes += _size(payload)
             return
         try:
             self._send_now(router, conn, header, payload)
@@ -376,12 +381,12 @@ class Server:
             self._unreachable_since.setdefault(conn, now)
         self._pending[conn] = collections.deque([(header, payload)])
         self._pending_count += 1
-        self._pending_bytes += 0 if payload is None else len(payload)
+        self._pending_bytes += _size(payload)
 
     def _unqueue_all(self, queued: collections.deque) -> None:
         """``queued`` leaves the pending queues (its messages are dropped or were sent)."""
         self._pending_count -= len(queued)
-        self._pending_bytes -= sum(0 if payload is None else len(payload) for _, payload in queued)
+        self._pending_bytes -= sum(_size(payload) for _, payload in queued)
 
     @staticmethod
     def _send_now(router: zmq.Socket, conn: bytes, header: bytes, payload: Any) -> None:
@@ -402,7 +407,7 @@ class Server:
                     self._send_now(router, conn, header, payload)
                     queued.popleft()
                     self._pending_count -= 1
-                    self._pending_bytes -= 0 if payload is None else len(payload)
+                    self._pending_bytes -= _size(payload)
                     self._unreachable_since.pop(conn, None)
             except zmq.Again:
                 continue
