@@ -17,7 +17,8 @@ whose first 16 bytes differ is dropped.
 the rendezvous of every server the client is registered with (each with that server's key), serves
 invitations (``PunchGo``, from whichever server) and runs punches the engine asks for, each at a
 server that lists the peer (so two clients configured with different first servers still meet).
-The blocking driver of :mod:`zbus.punch_udp` runs here, never in the engine thread. Results go to the engine as events (a queue plus a wake-up byte on a socket pair).
+The blocking driver of :mod:`zbus.punch_udp` runs here, never in the engine thread. Results go to
+the engine as events (a queue plus a wake-up byte on a socket pair).
 
 A *birthday* path (one side behind a symmetric NAT: found by many sockets on the hard side probing
 the easy side, :mod:`zbus.punch`) has no TCP port to follow; its pipe is KCP over the punched UDP
