@@ -364,7 +364,7 @@ class Engine:
             self._publish()
             self._run_links(poller, now)
             self._publish()
-            if upkeep_at is None or now >= upkeep_at or self._link_router in events or self._upkeep_soon:
+            if upkeep_at is None or now >= upkeep_at or self._upkeep_soon:
                 self._upkeep_soon = False
                 upkeep_at = self.on_tick(now)
 
@@ -529,7 +529,8 @@ class Engine:
                 if link is not None:
                     link.last_seen = now
                     self._note_ack(link.peer, header)
-                continue
+                continue  # (no upkeep for an ack: ours would answer theirs, theirs ours, without end)
+            self._upkeep_soon = True  # a link handshake: repeat onto the new path now, not at the next tick
             if self.security is not None and header.__class__ is wire.LinkHello:
                 why = claim_refusal(header.id, peer_id(frames[1]))  # the Id ZAP bound to the dialer's key
                 if why is not None:
