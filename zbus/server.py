@@ -320,10 +320,10 @@ class Server:
         """One relayed message to ``dst``; behind what already waits for it, if anything does."""
         if dst in self._pending:
             return self._send(router, dst, header, payload, now)
-        try:  # the common case, inlined: nothing waiting; pyzmq's backend send (no wrapper) for the copies
+        try:  # the common case, inlined: nothing waiting; pyzmq's backend send (no wrapper)
             _SEND(router, dst, NOBLOCK_MORE)
             _SEND(router, header, NOBLOCK_MORE)
-            router.send(payload, NOBLOCK, copy=False)
+            _SEND(router, payload, NOBLOCK, False)  # a received Frame: forwarded without a copy
         except zmq.ZMQError:
             self._send(router, dst, header, payload, now)
 

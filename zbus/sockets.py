@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import zmq
@@ -19,11 +20,36 @@ _context: zmq.Context | None = None
 _context_lock = threading.Lock()
 
 
+# glibc returns freed memory at the top of its heap to the kernel once more than 128 KiB is free
+# there, so a process that receives 64 KiB messages one by one gives each one's pages back and
+# faults them in again for the next (~20 us of kernel time per 64 KiB message here, on the
+# receiving client, the sending client's copy and the server). glibc raises that limit itself the
+# first time it frees a block it had to map on its own (over 128 KiB): to twice that block's size,
+# up to 64 MiB. Allocating and freeing one such block (untouched: no page is faulted in) when a
+# process starts its zbus context puts the allocator in that state up front: it keeps up to 64 MiB
+# of freed heap for reuse, as it would after one large message. Elsewhere (other allocators, or
+# MALLOC_TRIM_THRESHOLD_ and friends set in the environment, which switch glibc's adjustment off)
+# it does nothing. docs/performance.md has the measurements.
+ALLOCATOR_WARMUP = 32 * 1024 * 1024 - 65536  # under glibc's largest adjusting size (32 MiB, header and flags included)
+
+
+def _warm_allocator() -> None:
+    try:
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+    except (OSError, AttributeError):  # no C library to load by that name: not glibc's, nothing to do
+        return
+    libc.free(libc.malloc(ALLOCATOR_WARMUP))
+
+
 def context() -> zmq.Context:
     """The process-wide zbus context (inproc endpoints need a shared one). Never terminated early."""
     global _context
     with _context_lock:
         if _context is None or _context.closed:
+            if _context is None:
+                _warm_allocator()
             _context = zmq.Context()
             # libzmq's default of 1023 sockets per context is ~100 clients in one process (each has
             # ~10: per server 3 connections and a monitor, plus its two link ROUTERs and an inproc pair).

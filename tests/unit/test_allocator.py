@@ -1,0 +1,55 @@
+"""The allocator warm-up of zbus.sockets (see ALLOCATOR_WARMUP): after a process starts its zbus
+context, glibc no longer hands freed heap back to the kernel at 128 KiB, so messages of tens of KiB
+allocated and freed one after another stop faulting their pages in again every time.
+
+Each case runs in a fresh interpreter (the allocator's state is per process): it frees 200 KiB at
+the top of the heap and reports whether the program break moved down (a trim). Without the
+warm-up it does; that control case is what shows the check can fail."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                       reason="the warm-up acts on glibc's allocator only"),
+]
+
+_PROBE = """
+import ctypes, sys
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.sbrk.restype = ctypes.c_void_p
+libc.sbrk.argtypes = [ctypes.c_ssize_t]
+if sys.argv[1] == "zbus":
+    import zbus.sockets
+    zbus.sockets.context()
+trims = 0
+for _ in range(20):
+    first, second = libc.malloc(100_000), libc.malloc(100_000)  # under 128 KiB: from the heap
+    top = libc.sbrk(0)
+    libc.free(second)
+    libc.free(first)
+    trims += libc.sbrk(0) < top
+print(trims)
+"""
+
+
+def _trims(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.strip())
+
+
+def test_plain_process_trims_its_heap() -> None:
+    assert _trims("plain") > 0  # glibc's default: 200 KiB freed at the top goes back to the kernel
+
+
+def test_zbus_context_keeps_freed_heap() -> None:
+    assert _trims("zbus") == 0
