@@ -56,10 +56,10 @@ LOG_EVERY_S = 10.0  # ...then one per this many seconds; the rest are counted an
 MAX_WARNED = 4096  # connections remembered as already warned about
 
 
-
 def _size(payload: Any) -> int:
     """The bytes a queued message holds (a control message queued without a payload: none)."""
     return 0 if payload is None else len(payload)
+
 
 class Server:
     """A zbus relay server. ``run()`` blocks; ``start()`` runs it in an owned thread."""
@@ -391,27 +391,35 @@ class Server:
     @staticmethod
     def _send_now(router: zmq.Socket, conn: bytes, header: bytes, payload: Any) -> None:
         # Only the first frame can hit the high-water mark; the rest of a message always goes.
-        router.send(conn, NOBLOCK_MORE)
+        # (pyzmq's backend send, without its Python wrapper; a payload Frame goes without a copy.)
+        _SEND(router, conn, NOBLOCK_MORE)
         if payload is None:
-            router.send(header, NOBLOCK)
+            _SEND(router, header, NOBLOCK)
         else:
-            router.send(header, NOBLOCK_MORE)
-            router.send(payload, NOBLOCK, copy=False)
+            _SEND(router, header, NOBLOCK_MORE)
+            _SEND(router, payload, NOBLOCK, False)
 
     def _retry_pending(self, router: zmq.Socket, now: float) -> None:
         for conn in list(self._pending):
             queued = self._pending[conn]
+            sent = sent_bytes = 0
             try:
-                while queued:
+                while queued:  # (the hot path of a receiver slower than its senders: _send_now inlined)
                     header, payload = queued[0]
-                    self._send_now(router, conn, header, payload)
+                    _SEND(router, conn, NOBLOCK_MORE)
+                    if payload is None:
+                        _SEND(router, header, NOBLOCK)
+                    else:
+                        _SEND(router, header, NOBLOCK_MORE)
+                        _SEND(router, payload, NOBLOCK, False)
+                        sent_bytes += len(payload)
                     queued.popleft()
-                    self._pending_count -= 1
-                    self._pending_bytes -= _size(payload)
-                    self._unreachable_since.pop(conn, None)
-            except zmq.Again:
-                continue
+                    sent += 1
             except zmq.ZMQError as exc:
+                if sent:
+                    self._sent_from_queue(conn, sent, sent_bytes)
+                if exc.errno == errno.EAGAIN:
+                    continue
                 if exc.errno != errno.EHOSTUNREACH:
                     raise
                 since = self._unreachable_since.setdefault(conn, now)
@@ -421,4 +429,12 @@ class Server:
                 self.core.drop(DropReason.UNROUTABLE, len(queued))
                 queued.clear()
                 self._unreachable_since.pop(conn, None)
+            else:
+                self._sent_from_queue(conn, sent, sent_bytes)
             del self._pending[conn]
+
+    def _sent_from_queue(self, conn: bytes, count: int, size: int) -> None:
+        """``count`` messages (``size`` payload bytes) left ``conn``'s queue: it is reachable."""
+        self._pending_count -= count
+        self._pending_bytes -= size
+        self._unreachable_since.pop(conn, None)
