@@ -8,6 +8,7 @@ warm-up it does; that control case is what shows the check can fail."""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -41,8 +42,9 @@ print(trims)
 """
 
 
-def _trims(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, timeout=30)
+def _trims(mode: str, env: dict[str, str] | None = None) -> int:
+    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, timeout=30,
+                         env={**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, **(env or {})})
     assert out.returncode == 0, out.stderr
     return int(out.stdout.strip())
 
@@ -53,3 +55,8 @@ def test_plain_process_trims_its_heap() -> None:
 
 def test_zbus_context_keeps_freed_heap() -> None:
     assert _trims("zbus") == 0
+
+
+def test_glibc_settings_in_the_environment_win() -> None:
+    # docs/operations.md: glibc's own variable switches the adjustment off (here: back to the default)
+    assert _trims("zbus", {"MALLOC_TRIM_THRESHOLD_": "131072"}) > 0

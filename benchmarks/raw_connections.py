@@ -1,0 +1,128 @@
+"""Round trip of raw pyzmq over one TCP connection against two one-way connections (no zbus).
+
+zbus direct links are one-way: each side sends on its own DEALER to the other's ROUTER (a libzmq
+socket may not be used by two threads at once, and a client's ``send`` and ``recv`` run on different
+threads), so a ping-pong between two linked clients crosses two TCP connections. This measures what
+that costs by itself, in the same minutes, on 127.0.0.1:
+
+- ``one``: the ping's DEALER to the echo's ROUTER, answered on the same connection (the harness's
+  raw-dealer-router case);
+- ``two``: the ping's DEALER to the echo's ROUTER, answered by the echo's DEALER to the ping's ROUTER.
+
+Both read and write frames as bytes with pyzmq's backend calls. Prints the p50/p90/p99 round trip
+of each, interleaved ``--repeat`` times::
+
+    .venv/bin/python benchmarks/raw_connections.py --size 4096 --count 10000 --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import zmq
+
+_RECV = zmq.backend.Socket.recv
+_SEND = zmq.backend.Socket.send
+_TIMEOUT_MS = 5000
+
+
+def _echo(kind: str, listen: int, answer: int) -> None:
+    """Echo every payload until the ping goes quiet for _TIMEOUT_MS (the ping has finished)."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.setsockopt(zmq.RCVTIMEO, _TIMEOUT_MS)
+    router.bind(f"tcp://127.0.0.1:{listen}")
+    back = None
+    if kind == "two":
+        back = ctx.socket(zmq.DEALER)
+        back.setsockopt(zmq.LINGER, 0)
+        back.connect(f"tcp://127.0.0.1:{answer}")
+    print("ready", flush=True)
+    try:
+        while True:
+            peer = _RECV(router, 0)
+            payload = _RECV(router, 0)
+            if back is None:
+                _SEND(router, peer, zmq.SNDMORE)
+                _SEND(router, payload, 0)
+            else:
+                _SEND(back, payload, 0)
+    except zmq.Again:
+        pass
+    finally:
+        ctx.destroy(linger=0)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ping(kind: str, size: int, count: int, warmup: int) -> list[int]:
+    listen, answer = _free_port(), _free_port()
+    echo = subprocess.Popen([sys.executable, __file__, "--echo", kind, str(listen), str(answer)],
+                            stdout=subprocess.PIPE, text=True)
+    ctx = zmq.Context()
+    try:
+        if echo.stdout.readline().strip() != "ready":
+            raise RuntimeError("the echo process did not start")
+        out = ctx.socket(zmq.DEALER)
+        out.setsockopt(zmq.LINGER, 0)
+        out.connect(f"tcp://127.0.0.1:{listen}")
+        inn = out
+        if kind == "two":
+            inn = ctx.socket(zmq.ROUTER)
+            inn.setsockopt(zmq.LINGER, 0)
+            inn.bind(f"tcp://127.0.0.1:{answer}")
+        inn.setsockopt(zmq.RCVTIMEO, _TIMEOUT_MS)
+        payload = os.urandom(size)
+        samples = []
+        clock = time.perf_counter_ns
+        for i in range(warmup + count):
+            t0 = clock()
+            _SEND(out, payload, 0)
+            if kind == "two":
+                _RECV(inn, 0)  # the echo DEALER's routing id
+            _RECV(inn, 0)
+            if i >= warmup:
+                samples.append(clock() - t0)
+        return samples
+    finally:
+        ctx.destroy(linger=0)
+        echo.terminate()
+        echo.wait(timeout=10)
+
+
+def _pct(samples: list[int], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] / 1000
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--echo":
+        _echo(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--count", type=int, default=10000, help="round trips per run (bounded)")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    count = max(1, min(args.count, 1_000_000))
+    for run in range(1, max(1, args.repeat) + 1):
+        for kind in ("one", "two"):
+            samples = _ping(kind, args.size, count, warmup=min(500, count))
+            print(f"run {run} {kind} connection{'s' if kind == 'two' else ''}, {args.size} B: "
+                  f"p50 {_pct(samples, 0.5):.1f} us, p90 {_pct(samples, 0.9):.1f} us, p99 {_pct(samples, 0.99):.1f} us",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
