@@ -304,7 +304,11 @@ class Client(_ClientBase):
                 if acked is not None and acked > stream.acked:
                     stream.ack(acked)
                 if len(stream.retained) < stream.max_msgs and stream.retained_bytes + len(data) <= stream.max_bytes:
-                    seq = stream.push(data, len(data))  # (SendStream.room, inlined: the window has room)
+                    # (SendStream.room, inlined: the window has room.) The message goes on the wire
+                    # first and is numbered and retained just after (push gives it this very seq; the
+                    # send lock keeps everyone else out): on a round trip that bookkeeping then runs
+                    # while the message travels, not before.
+                    seq = stream.next_seq
                     try:  # _put, inlined; blocks up to SNDTIMEO on a full pipe
                         if prefix is None and 0 < len(data) <= LINK_INLINE_MAX:
                             _SEND_COPY(sock, _LINK_SEQ_PACK(seq) + data, 0)
@@ -315,15 +319,15 @@ class Client(_ClientBase):
                                 _SEND_COPY(sock, data, 0)
                             else:
                                 sock.send(data, 0, copy=False)
-                        if self._upkeep_missed:  # the engine could not get the lock from this loop
-                            self._upkeep_missed = False
-                            self._sender_upkeep(time.monotonic())
-                        return seq
-                    except zmq.Again:  # the pipe stayed full for SNDTIMEO already
-                        call = _Call(stream)
-                        call.seq = seq
+                    except zmq.Again:  # the pipe stayed full for SNDTIMEO already; nothing of it was sent
                         limit = self.config.send_timeout if timeout is None else timeout
-                        return self._send_waiting(dst, data, call, time.monotonic() + limit - _SEND_SLICE_S, limit)
+                        return self._send_waiting(dst, data, _Call(stream), time.monotonic() + limit - _SEND_SLICE_S,
+                                                  limit)
+                    stream.push(data, len(data))
+                    if self._upkeep_missed:  # the engine could not get the lock from this loop
+                        self._upkeep_missed = False
+                        self._sender_upkeep(time.monotonic())
+                    return seq
             if self._closed:
                 raise ZbusError(f"{self.id} is closed")
             call = _Call(self._sender.streams.get(dst) or self._sender.stream(dst))
