@@ -30,18 +30,19 @@ _SEND = zmq.backend.Socket.send
 _TIMEOUT_MS = 5000
 
 
+def _open(ctx: zmq.Context, sock_type: int, port: int, bind: bool) -> zmq.Socket:
+    sock = ctx.socket(sock_type)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, _TIMEOUT_MS)
+    (sock.bind if bind else sock.connect)(f"tcp://127.0.0.1:{port}")
+    return sock
+
+
 def _echo(kind: str, listen: int, answer: int) -> None:
     """Echo every payload until the ping goes quiet for _TIMEOUT_MS (the ping has finished)."""
     ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.setsockopt(zmq.RCVTIMEO, _TIMEOUT_MS)
-    router.bind(f"tcp://127.0.0.1:{listen}")
-    back = None
-    if kind == "two":
-        back = ctx.socket(zmq.DEALER)
-        back.setsockopt(zmq.LINGER, 0)
-        back.connect(f"tcp://127.0.0.1:{answer}")
+    router = _open(ctx, zmq.ROUTER, listen, bind=True)
+    back = _open(ctx, zmq.DEALER, answer, bind=False) if kind == "two" else None
     print("ready", flush=True)
     try:
         while True:
@@ -74,15 +75,8 @@ def _ping(kind: str, size: int, count: int, warmup: int) -> list[int]:
     try:
         if echo.stdout.readline().strip() != "ready":
             raise RuntimeError("the echo process did not start")
-        out = ctx.socket(zmq.DEALER)
-        out.setsockopt(zmq.LINGER, 0)
-        out.connect(f"tcp://127.0.0.1:{listen}")
-        inn = out
-        if kind == "two":
-            inn = ctx.socket(zmq.ROUTER)
-            inn.setsockopt(zmq.LINGER, 0)
-            inn.bind(f"tcp://127.0.0.1:{answer}")
-        inn.setsockopt(zmq.RCVTIMEO, _TIMEOUT_MS)
+        out = _open(ctx, zmq.DEALER, listen, bind=False)
+        inn = _open(ctx, zmq.ROUTER, answer, bind=True) if kind == "two" else out
         payload = os.urandom(size)
         samples = []
         clock = time.perf_counter_ns

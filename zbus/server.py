@@ -404,17 +404,12 @@ class Server:
             queued = self._pending[conn]
             sent = sent_bytes = 0
             try:
-                while queued:  # (the hot path of a receiver slower than its senders: _send_now inlined)
+                while queued:  # (the path of every message while a receiver is slower than its senders)
                     header, payload = queued[0]
-                    _SEND(router, conn, NOBLOCK_MORE)
-                    if payload is None:
-                        _SEND(router, header, NOBLOCK)
-                    else:
-                        _SEND(router, header, NOBLOCK_MORE)
-                        _SEND(router, payload, NOBLOCK, False)
-                        sent_bytes += len(payload)
+                    self._send_now(router, conn, header, payload)
                     queued.popleft()
                     sent += 1
+                    sent_bytes += _size(payload)
             except zmq.ZMQError as exc:
                 if sent:
                     self._sent_from_queue(conn, sent, sent_bytes)
