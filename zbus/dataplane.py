@@ -405,7 +405,7 @@ class DataPlane:
         or what came was not for ``recv``). The read is not marked ``_flowing``: after a wait, the
         next message is more likely not there yet, and an empty read costs more than asking."""
         for sock, _ in _ZMQ_POLL(self._poll_items(), timeout_ms):
-            message = self._read_link() if sock is self._link_in else self._read_relay(sock)  # (_read_socket)
+            message = self._read_socket(sock)
             if message is not None:
                 self._hot = sock
                 return message
@@ -434,17 +434,6 @@ class DataPlane:
                 self._flowing = False
                 return None
             frame = recv(_NOBLOCK)  # the rest of a message is there once its first frame is
-            entry = engine.tokens.get(token)
-            if entry is not None and len(frame) > 8:  # the one-frame form (up to LINK_INLINE_MAX): the hot path
-                src, via = entry  # via: "direct" | "punched"
-                seq = _LINK_SEQ_UNPACK(frame)[0]
-                stream = self._receiver.streams.get(src)
-                if stream is not None and seq == stream.expected and not stream.early \
-                        and len(frame) - 8 <= self._max_frame:
-                    stream.expected = seq + 1  # Receiver.accept's in-order case, inlined
-                    if not seq & _ACK_EVERY_BIG and (not seq & _ACK_EVERY or len(frame) - 8 >= _BIG):
-                        self._ack_soon()
-                    return _new(_Message, (src, frame[8:], via))  # = Message(...), without its Python __new__
             if len(frame) == 8:
                 if not sock.getsockopt(_RCVMORE):
                     self._drop(DropReason.MALFORMED)
@@ -459,6 +448,7 @@ class DataPlane:
                 continue
             else:
                 payload = frame[8:]
+            entry = engine.tokens.get(token)
             if entry is None:  # not (or no longer) an authenticated link
                 recv_frames_rest(sock)
                 self._drop(DropReason.UNREGISTERED)
