@@ -530,7 +530,8 @@ class Engine:
                     link.last_seen = now
                     self._note_ack(link.peer, header)
                 continue  # (no upkeep for an ack: ours would answer theirs, theirs ours, without end)
-            self._upkeep_soon = True  # a link handshake: repeat onto the new path now, not at the next tick
+            if header.__class__ is not wire.LinkPing:
+                self._upkeep_soon = True  # a link coming or going (not its pings, twice a second a link)
             if self.security is not None and header.__class__ is wire.LinkHello:
                 why = claim_refusal(header.id, peer_id(frames[1]))  # the Id ZAP bound to the dialer's key
                 if why is not None:
