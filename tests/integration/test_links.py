@@ -333,3 +333,33 @@ def test_a_pure_producer_through_a_relay_hears_acks_without_calling_recv(start_s
     alice.send(bob_id, b"one more")  # applied on the next send: nothing of the 3,000 is kept any more
     assert [seq for seq, _, _ in stream.retained] == [last + 1]
     assert alice._engine.control_msgs.get("RelayAcks", 0) >= 1
+
+
+def test_a_two_way_exchange_over_links_leaves_the_engines_asleep(start_server, clients):
+    """Acks go on the upkeep timer (or when a receiver asks, every 1,024 messages). An Ack that arrived
+    used to run the upkeep at once, which acked back what had arrived since: during any ping-pong the
+    two engines woke each other hundreds of times a second, taking the GIL from the data path."""
+    from zbus.dataplane import _UPKEEP_S
+
+    server = start_server()
+    alice, bob = connect(clients, [server], "alice"), connect(clients, [server], "bob")
+    bob_id, alice_id = alice.wait_peer("bob"), bob.wait_peer("alice")
+    alice.send(bob_id, b"hello")
+    bob.send(alice_id, bob.recv(timeout=5.0).data)
+    alice.recv(timeout=5.0)
+    assert alice.wait_link(bob_id, 5.0) and bob.wait_link(alice_id, 5.0)
+    before = alice._engine.wakeups, bob._engine.wakeups
+    start = time.monotonic()
+    rounds = 0
+    while time.monotonic() - start < 1.5 and rounds < 200_000:  # bounded in time and count
+        alice.send(bob_id, b"ping")
+        message = bob.recv(timeout=5.0)
+        assert message.via == "direct"
+        bob.send(alice_id, message.data)
+        assert alice.recv(timeout=5.0).via == "direct"
+        rounds += 1
+    elapsed = time.monotonic() - start
+    woke = max(alice._engine.wakeups - before[0], bob._engine.wakeups - before[1])
+    # The upkeep timer, the peer's acks on it, link pings and early-ack requests: a few dozen a second.
+    limit = 4 * elapsed / _UPKEEP_S + 30
+    assert woke < limit, f"an engine woke {woke} times in {elapsed:.2f}s of ping-pong ({rounds} round trips)"
