@@ -43,6 +43,11 @@ from . import wire
 PING_INTERVAL = 0.5
 LINK_TIMEOUT = 2.0  # seconds without a Pong before the dialer closes a link
 HANDSHAKE_TIMEOUT = 2.0  # seconds to wait for a Welcome on one candidate address
+# ...and through a punched pipe: that path is known to work (its TCP or KCP connection is up), but it
+# crosses the internet, where a lost segment waits for TCP's retransmission backoff (0.2, 0.4, 0.8,
+# 1.6 s...); giving up at 2 s threw the pipe away and punched again with a growing backoff (at 20 %
+# loss each way the link then took up to a minute to come up; docs/nat.md).
+PUNCHED_HANDSHAKE_TIMEOUT = 6.0
 INCOMING_TIMEOUT = LINK_TIMEOUT + 1.0  # the listener forgets a silent link after this
 RETRY_MIN = 1.0  # backoff before retrying a peer whose every address failed
 RETRY_MAX = 30.0
@@ -274,7 +279,7 @@ class LinkCore:
         link.nonce = self.rng.randbytes(8)
         token = self.rng.randbytes(TOKEN_BYTES)
         link.token = bytes([token[0] | 1]) + token[1:]  # libzmq reserves ids starting with 0
-        link.deadline = now + HANDSHAKE_TIMEOUT
+        link.deadline = now + (PUNCHED_HANDSHAKE_TIMEOUT if link.kind == "punched" else HANDSHAKE_TIMEOUT)
         hello = wire.encode(wire.LinkHello(self.my_id, link.peer, link.nonce, link.token,
                                            "punched" if link.kind == "punched" else ""))
         return [Dial(link.peer, link.address, hello)]

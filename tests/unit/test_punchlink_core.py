@@ -95,3 +95,21 @@ def test_prelinks_wait_until_they_can_tell_a_punch_is_needed_and_a_destination_p
     early.want([B])
     actions = early.plan({B: wire.ClientInfo(B, "b", NATED_B)}, 0.5, NATED_A)
     assert [x.__class__ for x in actions] == [Close, PunchWanted]  # no 2 s handshake timeout first
+
+
+def test_a_handshake_through_a_pipe_gets_longer_than_one_to_an_address():
+    """A pipe is known to work, but its segments may wait for TCP's retransmission backoff: its Hello
+    is given PUNCHED_HANDSHAKE_TIMEOUT, not the 2 s after which a dialed address counts as wrong
+    (and giving up would throw the pipe away and punch again, with a growing backoff)."""
+    from zbus.links import HANDSHAKE_TIMEOUT, PUNCHED_HANDSHAKE_TIMEOUT
+
+    a = core(A)
+    a.want([B])
+    clients = {B: wire.ClientInfo(B, "b", NATED_B)}
+    a.plan(clients, 0.0, NATED_A)
+    a.pipe_up(B, "tcp://127.0.0.1:9001", "tcp://127.0.0.1:9002", "203.0.113.102:6000", 0.1)
+    [dial] = a.plan(clients, 0.2, NATED_A)
+    assert isinstance(dial, Dial)
+    assert a.tick(0.2 + HANDSHAKE_TIMEOUT + 0.1) == []  # still waiting for the Welcome
+    gave_up = a.tick(0.2 + PUNCHED_HANDSHAKE_TIMEOUT + 0.1)
+    assert [x.__class__ for x in gave_up] == [Close] and gave_up[0].pipe  # then the pipe goes, as before
