@@ -17,13 +17,14 @@ of each, interleaved ``--repeat`` times::
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import time
 
 import zmq
+
+from zbus.bench import free_tcp_port, script_args
 
 _RECV = zmq.backend.Socket.recv
 _SEND = zmq.backend.Socket.send
@@ -59,16 +60,8 @@ def _echo(kind: str, listen: int, answer: int) -> None:
         ctx.destroy(linger=0)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _ping(kind: str, size: int, count: int, warmup: int) -> list[int]:
-    listen, answer = _free_port(), _free_port()
+    listen, answer = free_tcp_port(), free_tcp_port()
     echo = subprocess.Popen([sys.executable, __file__, "--echo", kind, str(listen), str(answer)],
                             stdout=subprocess.PIPE, text=True)
     ctx = zmq.Context()
@@ -104,16 +97,11 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--echo":
         _echo(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
         return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--count", type=int, default=10000, help="round trips per run (bounded)")
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
-    count = max(1, min(args.count, 1_000_000))
-    for run in range(1, max(1, args.repeat) + 1):
+    size, count, repeat = script_args(__doc__, 10_000, 1_000_000, 3, "round trips")
+    for run in range(1, repeat + 1):
         for kind in ("one", "two"):
-            samples = _ping(kind, args.size, count, warmup=min(500, count))
-            print(f"run {run} {kind} connection{'s' if kind == 'two' else ''}, {args.size} B: "
+            samples = _ping(kind, size, count, warmup=min(500, count))
+            print(f"run {run} {kind} connection{'s' if kind == 'two' else ''}, {size} B: "
                   f"p50 {_pct(samples, 0.5):.1f} us, p90 {_pct(samples, 0.9):.1f} us, p99 {_pct(samples, 0.99):.1f} us",
                   flush=True)
 

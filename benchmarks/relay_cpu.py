@@ -12,14 +12,14 @@ I/O threads. The two cases run alternately ``--repeat`` times::
 
 from __future__ import annotations
 
-import argparse
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import zmq
+
+from zbus.bench import free_tcp_port, free_tcp_port_pair, script_args
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _QUIET_MS = 5000  # a receiver gives up after this long without a message
@@ -29,12 +29,6 @@ def _cpu(pid: int) -> tuple[float, float]:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return int(fields[11]) / _TICK, int(fields[12]) / _TICK
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- the roles (each its own process: this file run with --role) -------------------------------------
@@ -124,7 +118,7 @@ def _expect(proc: subprocess.Popen, word: str) -> str:
 
 
 def _run_case(case: str, size: int, count: int) -> None:
-    port = _free_port()
+    port = free_tcp_port_pair() if case == "zbus" else free_tcp_port()  # (a zbus server also takes port + 1)
     if case == "zbus":
         relay = subprocess.Popen([sys.executable, "-m", "zbus.cli", "server", "--listen",
                                   f"tcp://127.0.0.1:{port}", "--name", "relay-cpu"], stdout=subprocess.PIPE, text=True)
@@ -176,15 +170,10 @@ def main() -> None:
         else:
             _zbus_client(role[5:], args[0], int(args[1]), int(args[2]))
         return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--count", type=int, default=300_000, help="messages per run (at most 5,000,000)")
-    parser.add_argument("--repeat", type=int, default=2)
-    args = parser.parse_args()
-    count = max(1, min(args.count, 5_000_000))
-    for _ in range(max(1, args.repeat)):
+    size, count, repeat = script_args(__doc__, 300_000, 5_000_000, 2, "messages")
+    for _ in range(repeat):
         for case in ("raw", "zbus"):
-            _run_case(case, args.size, count)
+            _run_case(case, size, count)
 
 
 if __name__ == "__main__":

@@ -186,6 +186,19 @@ def free_tcp_port() -> int:
         return s.getsockname()[1]
 
 
+def script_args(doc: str, count: int, count_max: int, repeat: int, counted: str) -> tuple[int, int, int]:
+    """(size, count, repeat) from the command line of a stand-alone script in benchmarks/: ``--size``
+    (default 4096), ``--count`` (bounded by ``count_max``: loops stay bounded) and ``--repeat``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--count", type=int, default=count, help=f"{counted} per run (at most {count_max:,})")
+    parser.add_argument("--repeat", type=int, default=repeat)
+    args = parser.parse_args()
+    return max(0, args.size), max(1, min(args.count, count_max)), max(1, args.repeat)
+
+
 def free_tcp_port_pair() -> int:
     """A free port on 127.0.0.1 whose successor is free too (a server's cluster endpoint is its
     port + 1 by default)."""
