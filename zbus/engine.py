@@ -464,18 +464,19 @@ class Engine:
     def upkeep_soon(self) -> None:
         """Any thread: run the delivery upkeep (``on_tick``: acks) at the next turn of the loop."""
         self._upkeep_soon = True
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass  # the pair is full (a wake-up is already there) or the engine is gone
+        self._wake()
 
     def _post_punch_event(self, event: tuple) -> None:
         """Punch service / bridge threads: hand an event to the engine thread and wake it."""
         self._punch_events.append(event)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Any thread: make the engine's poll return (a byte on the wake-up pair)."""
         try:
             self._wake_w.send(b"x")
         except OSError:
-            pass  # the engine is gone
+            pass  # the pair is full (a wake-up is already there) or the engine is gone
 
     def _on_punch_events(self, now: float) -> None:
         try:
