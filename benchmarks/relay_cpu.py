@@ -20,6 +20,7 @@ import time
 import zmq
 
 from zbus.bench import free_tcp_port, free_tcp_port_pair, script_args
+from zbus.bench.raw import relay_loop
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _QUIET_MS = 5000  # a receiver gives up after this long without a message
@@ -34,17 +35,13 @@ def _cpu(pid: int) -> tuple[float, float]:
 # -- the roles (each its own process: this file run with --role) -------------------------------------
 
 def _raw_relay(port: int) -> None:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
+    """The harness's raw relay (zbus.bench.raw), its socket options included; ended by SIGTERM."""
+    sock = zmq.Context().socket(zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     sock.bind(f"tcp://127.0.0.1:{port}")
-    recv, send, more = sock.recv, sock.send, zmq.SNDMORE
     print("ready", flush=True)
-    while True:  # ended by the parent (SIGTERM)
-        src, dst, payload = recv(copy=False), recv(copy=False), recv(copy=False)
-        send(dst, more, copy=False)
-        send(src, more, copy=False)
-        send(payload, copy=False)
+    relay_loop(sock)
 
 
 def _raw_client(role: str, port: int, size: int, count: int) -> None:

@@ -231,7 +231,11 @@ def relay_main(ctl: Control, job: Job) -> None:
     markedly slower for small messages (compare: --cases raw-relay,raw-relay-multipart).
     Runs until terminated.
     """
-    sock = _relay_socket(ctl)
+    relay_loop(_relay_socket(ctl))
+
+
+def relay_loop(sock: zmq.Socket) -> None:
+    """relay_main's loop on a bound ROUTER (also benchmarks/relay_cpu.py's raw relay)."""
     recv, send, more = sock.recv, sock.send, zmq.SNDMORE
     while True:
         src = recv(copy=False)
