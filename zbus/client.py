@@ -530,6 +530,9 @@ class AsyncClient(_ClientBase):
         self._receivers = 0  # recv calls waiting on the sockets (the request server then does not read)
         self._serve_task: asyncio.Task | None = None
         self._serve_event: asyncio.Event | None = None
+        self._acks_moved: asyncio.Event | None = None  # set (from the engine thread) when acks move
+        self._acks_loop: asyncio.AbstractEventLoop | None = None
+        self._window_waiters = 0  # sends waiting for acks: only then does an ack wake the loop
 
     async def start(self) -> "AsyncClient":
         if not self._engine._started:
@@ -565,13 +568,14 @@ class AsyncClient(_ClientBase):
                     if left <= 0:
                         self._give_back(call)
                         raise _backpressure(dst, self.config.send_timeout if timeout is None else timeout, full)
+                    heard = self._engine.acked.get(dst, 0)
             if full is None:
                 if ack:
                     await self._await_ack_async(dst, call.seq, max(0.0, deadline - time.monotonic()))
                 return
             wait_ms = max(1, min(_SLICE_MS, int(left * 1000)))
-            if full is _WINDOW:  # acks come on the engine thread: look again shortly
-                await asyncio.sleep(min(0.005, left))
+            if full is _WINDOW:  # acks come on the engine thread, which wakes us when they move
+                await self._wait_for_acks(dst, heard, min(left, _WINDOW_WAIT_S))
                 continue
             if full is _NO_SOCKET or not any(full is data.out for data in self._engine.data):
                 # A link's socket may be closed by the engine once we let go of the lock, so it is
@@ -582,6 +586,38 @@ class AsyncClient(_ClientBase):
                 await zmq.asyncio.Socket.shadow(full.underlying).poll(wait_ms, zmq.POLLOUT)
             except zmq.Again:  # zmq.asyncio reports a poll that timed out on a shadow this way
                 pass
+
+    async def _wait_for_acks(self, dst: str, heard: int, seconds: float) -> None:
+        """``dst``'s window is full: wait until its acks move past ``heard``, or ``seconds`` pass.
+
+        The engine thread calls ``on_ack`` whenever an ack moves; while a send waits here, that hands
+        ``_acks_moved.set`` to this loop (``call_soon_threadsafe``), so the send looks at its window
+        again once per ack instead of polling it. An ack for another destination wakes it too: it
+        looks, finds its window still full and waits again."""
+        loop = asyncio.get_running_loop()
+        if self._acks_loop is not loop:  # the first wait, or a client driven from another loop now
+            event = self._acks_moved = asyncio.Event()
+            self._acks_loop = loop
+
+            def moved() -> None:  # engine thread
+                if self._window_waiters:
+                    try:
+                        loop.call_soon_threadsafe(event.set)
+                    except RuntimeError:  # that loop is closed
+                        pass
+
+            self._engine.on_ack = moved
+        event = self._acks_moved
+        self._window_waiters += 1  # first: an ack that moves after the look below does wake us
+        try:
+            event.clear()
+            if self._engine.acked.get(dst, 0) != heard or self._closed:  # it moved already
+                return
+            await asyncio.wait_for(event.wait(), seconds)
+        except TimeoutError:
+            pass
+        finally:
+            self._window_waiters -= 1
 
     async def _await_ack_async(self, dst: str, seq: int, timeout: float) -> None:
         """As ``_await_ack``, on the event loop (which is also where ``recv`` reads the sockets)."""
@@ -713,6 +749,8 @@ class AsyncClient(_ClientBase):
         if self._closed:
             return
         self._closed = True
+        if self._acks_moved is not None and self._acks_loop is asyncio.get_running_loop():
+            self._acks_moved.set()  # sends waiting for acks see the client closed
         task = self._serve_task
         if task is not None and task is not asyncio.current_task():
             task.cancel()

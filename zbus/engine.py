@@ -120,6 +120,7 @@ class Engine:
         self.wakeups = 0  # turns of the loop (it should sleep between timers and events: tests watch this)
         self.acked: dict[str, int] = {}  # destination -> highest Ack heard (written by any thread)
         self.ack_changed = threading.Condition()  # notified when ``acked`` moves
+        self.on_ack: Callable[[], None] | None = None  # also called when ``acked`` moves (AsyncClient)
         self.wanted: list[str] = []  # destinations the user sent to by relay (appended by user threads)
         self._wanted_seen = 0
         self._link_ctl: dict[str, zmq.Socket] = {}  # peer -> control DEALER of a link we dialed
@@ -254,6 +255,9 @@ class Engine:
             self.acked[peer] = ack.upto
             with self.ack_changed:  # wakes send(..., ack=True)
                 self.ack_changed.notify_all()
+            hook = self.on_ack
+            if hook is not None:
+                hook()
 
     def _drop(self, reason: DropReason) -> None:
         self.dropped[reason.value] = self.dropped.get(reason.value, 0) + 1

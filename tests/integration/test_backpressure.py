@@ -140,6 +140,44 @@ def test_async_client_send_raises_backpressure_and_loses_nothing(start_server, c
     assert got == sent
 
 
+def test_async_send_waiting_for_acks_is_woken_by_them_instead_of_polling(start_server, clients):
+    """An AsyncClient send that finds its destination's window full waits for the engine's word
+    that acks moved: it looks at the window once per ack, or every 0.2 s without one, not every few
+    milliseconds (which cost the loop 200 wake-ups a second per waiting send, and up to 5 ms of delay
+    once the acks came). And once the receiver reads, the waiting send goes out, nothing lost."""
+    server = start_server("s1")
+    deaf = connect(clients, [server], "deaf", max_links=0)
+    window = 200
+
+    async def scenario() -> tuple[int, int, list[int], list[int]]:
+        async with zbus.AsyncClient(servers=[server.endpoint], name="a", listen=LOCAL, max_links=0,
+                                    max_unacked=window) as a:
+            dst = await a.wait_peer("deaf", 5.0)
+            for i in range(window):  # the window holds exactly this many unacknowledged messages
+                await a.send(dst, payload(i), timeout=5.0)
+            looks = 0
+            attempt = a._attempt
+
+            def counted(*args):
+                nonlocal looks
+                looks += 1
+                return attempt(*args)
+
+            a._attempt = counted  # instrumentation only: the real attempt runs
+            with pytest.raises(zbus.Backpressure):  # nobody reads, so no ack comes for a second
+                await a.send(dst, payload(10**7), timeout=1.0)
+            while_deaf, looks = looks, 0
+            late = asyncio.create_task(a.send(dst, payload(window), timeout=10.0))
+            got = await asyncio.to_thread(drain, deaf, window + 1)
+            await asyncio.wait_for(late, 10.0)
+            return while_deaf, looks, got, list(range(window + 1))
+
+    while_deaf, after, got, expected = asyncio.run(scenario())
+    assert while_deaf <= 12, while_deaf  # 6 with 0.2 s waits; polling every 5 ms made it ~200
+    assert after <= 30, after
+    assert got == expected
+
+
 def test_send_timeout_config_key_is_the_default(start_server, clients, tmp_path):
     server = start_server("s1")
     config = tmp_path / "zbus.toml"
