@@ -173,6 +173,7 @@ def test_async_send_waiting_for_acks_is_woken_by_them_instead_of_polling(start_s
             return while_deaf, looks, got, list(range(window + 1))
 
     while_deaf, after, got, expected = asyncio.run(scenario())
+    print(f"\nlooks at the window: {while_deaf} in a 1 s wait without acks, {after} while the receiver read")
     assert while_deaf <= 12, while_deaf  # 6 with 0.2 s waits; polling every 5 ms made it ~200
     assert after <= 30, after
     assert got == expected
