@@ -14,7 +14,6 @@ from typing import Callable
 
 from zbus.bench import free_tcp_port_pair as free_port_pair  # noqa: F401 (re-exported for tests)
 
-
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -9,7 +9,15 @@
 from .client import AsyncClient, Client, ClientStatus, Message, Peer
 from .config import ClientConfig, ServerConfig, load_client_config, load_server_config
 from .errors import (
-    Backpressure, ConfigError, Disconnected, IdInUse, ProtocolError, Refused, RemoteError, Unreachable, ZbusError,
+    Backpressure,
+    ConfigError,
+    Disconnected,
+    IdInUse,
+    ProtocolError,
+    Refused,
+    RemoteError,
+    Unreachable,
+    ZbusError,
 )
 from .server import Server
 

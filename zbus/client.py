@@ -33,8 +33,21 @@ import zmq.backend
 from . import sockets, wire
 from .config import ClientConfig, load_client_config
 from .dataplane import (
-    _ACK_LOCK_WAIT_S, _LINK_SEQ_PACK, _MORE, _NO_SOCKET, _NOBLOCK_MORE, _WINDOW, _WINDOW_WAIT_S, _SEND_COPY, _SEQ_PACK, BACKLOG_MAX, DataPlane,
-    Message, _AckWait, _Call, handler_error,
+    _ACK_LOCK_WAIT_S,
+    _LINK_SEQ_PACK,
+    _MORE,
+    _NO_SOCKET,
+    _NOBLOCK_MORE,
+    _SEND_COPY,
+    _SEQ_PACK,
+    _WINDOW,
+    _WINDOW_WAIT_S,
+    BACKLOG_MAX,
+    DataPlane,
+    Message,
+    _AckWait,
+    _Call,
+    handler_error,
 )
 from .delivery import Receiver, Sender
 from .engine import SEND_SLICE_MS, Engine

@@ -7,9 +7,9 @@ arrived; it returns ``(server index, header bytes)`` to send and keeps :meth:`ro
 from __future__ import annotations
 
 import enum
+from types import MappingProxyType
 
 import msgspec
-from types import MappingProxyType
 
 from . import wire
 from .routing import Routes

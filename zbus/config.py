@@ -28,8 +28,12 @@ import msgspec
 
 from .errors import ConfigError
 from .guard import (
-    DEFAULT_CONTROL_BURST, DEFAULT_CONTROL_RATE, DEFAULT_MAX_CLIENTS, DEFAULT_MAX_HEADER,
-    DEFAULT_MAX_NAME_BYTES, Limits,
+    DEFAULT_CONTROL_BURST,
+    DEFAULT_CONTROL_RATE,
+    DEFAULT_MAX_CLIENTS,
+    DEFAULT_MAX_HEADER,
+    DEFAULT_MAX_NAME_BYTES,
+    Limits,
 )
 from .ids import is_client_id, is_server_id
 from .security import load_security, split_pinned

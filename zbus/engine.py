@@ -31,15 +31,15 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from . import netinfo, punchlink, sockets, wire
-from .sockets import recv_frames
 from .client_core import ALT_NONCE, ClientCore, SessionState
-from .reflector import ALT_PORT_OFFSET
 from .config import ClientConfig
 from .errors import ConfigError
 from .ids import new_token
 from .links import Close, Dial, LinkCore, OpenData, PunchWanted, Reply, SendLink
+from .reflector import ALT_PORT_OFFSET
 from .routing import Routes
 from .security import claim_refusal, load_security, peer_id
+from .sockets import recv_frames
 from .wire import DropReason
 
 log = logging.getLogger("zbus.client")

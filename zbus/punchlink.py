@@ -41,8 +41,8 @@ from typing import Callable
 
 from . import wire
 from .punch import birthday_mode
-from .punchbridge import TARGET_CTL, TARGET_DATA, ProcessBridge, big_buffers, kcp_conv
 from .punch_udp import CANCEL_CHECK_S, PunchFailed, open_punch_socket, register, renewer, run_punch, wait_go
+from .punchbridge import TARGET_CTL, TARGET_DATA, ProcessBridge, big_buffers, kcp_conv
 from .rendezvous import open_go
 
 log = logging.getLogger("zbus.punchlink")

@@ -26,8 +26,8 @@ import msgspec
 from . import wire
 from .cluster import ClusterView
 from .guard import Limits, RateLimiter
-from .rendezvous import client_key
 from .ids import is_client_id
+from .rendezvous import client_key
 from .tables import ClientTable
 from .wire import DropReason
 

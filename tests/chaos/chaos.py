@@ -26,10 +26,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from tests.helpers import REPO, ServerProcess, free_port_pair
 from zbus.errors import ZbusError
 from zbus.status import query_status
-
-from tests.helpers import REPO, ServerProcess, free_port_pair
 
 READY_TIMEOUT_S = 60.0
 

@@ -16,8 +16,8 @@ import time
 import pytest
 
 import zbus
-from tests.integration.test_hostile import config_file, rss_kb
 from tests.helpers import wait_until
+from tests.integration.test_hostile import config_file, rss_kb
 from tests.integration.test_links import LOCAL, Collector, connect
 from zbus.status import query_status
 

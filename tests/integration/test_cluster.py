@@ -10,11 +10,10 @@ import time
 import pytest
 
 import zbus
+from tests.helpers import ServerProcess, free_port_pair, wait_until
 from zbus.cluster.status import cluster_endpoint_of, query_cluster_status
 from zbus.errors import ZbusError
 from zbus.status import query_status
-
-from tests.helpers import ServerProcess, free_port_pair, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

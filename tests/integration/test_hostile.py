@@ -22,10 +22,9 @@ import pytest
 import zmq
 
 import zbus
+from tests.helpers import REPO, free_port, wait_until
 from zbus import wire
 from zbus.status import query_status
-
-from tests.helpers import REPO, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -9,11 +9,10 @@ import pytest
 import zmq
 
 import zbus
-from zbus.delivery import GAP_TIMEOUT
-from zbus import wire
-from zbus.status import query_status
-
 from tests.helpers import wait_until
+from zbus import wire
+from zbus.delivery import GAP_TIMEOUT
+from zbus.status import query_status
 
 pytestmark = pytest.mark.timeout(60)
 

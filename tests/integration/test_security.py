@@ -15,11 +15,11 @@ import pytest
 import zmq
 
 import zbus
+from tests.helpers import REPO, Keys, ServerProcess, free_port_pair, wait_until
 from zbus import sockets, wire
 from zbus.cluster.status import cluster_endpoint_of, query_cluster_status
 from zbus.security import load_security, read_key_file
 from zbus.security import secure_client as curve_client
-from tests.helpers import REPO, Keys, ServerProcess, free_port_pair, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -19,8 +19,17 @@ import sys
 import pytest
 
 from .conftest import natlab_unavailable_outcome
-from .lab import (IP, NAT_TYPES, NFT, LabProcess, NatLab, NatLabError, cleanup_stale_namespaces,
-                  list_namespaces, wait_until)
+from .lab import (
+    IP,
+    NAT_TYPES,
+    NFT,
+    LabProcess,
+    NatLab,
+    NatLabError,
+    cleanup_stale_namespaces,
+    list_namespaces,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 

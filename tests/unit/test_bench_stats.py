@@ -5,8 +5,7 @@ from multiprocessing import Pipe
 
 import pytest
 
-from zbus.bench import Aborted, Case, CaseUnavailable, Control, QuietTimer
-from zbus.bench import harness
+from zbus.bench import Aborted, Case, CaseUnavailable, Control, QuietTimer, harness
 from zbus.bench.harness import CASES, DEFAULT_CASES, build_parser, plan_jobs, run_benchmarks, throughput_count
 from zbus.bench.stats import (
     BASELINES,

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import random
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zbus import wire
 from zbus.punch import Kind, PunchLimits, PunchSession, State, punch_mac
-import msgspec
-
 from zbus.rendezvous import REGISTRATION_TTL_S, SESSION_REUSE_S, Rendezvous, client_key, open_go, request_mac
 
 from .punchsim import run_punch

@@ -8,11 +8,10 @@ import stat
 import pytest
 import zmq
 
+from tests.helpers import wait_until
 from zbus.errors import ConfigError
 from zbus.ids import new_client_id, new_server_id
 from zbus.security import Zap, keygen, peer_id, read_key_file, read_trust_dir, secure_client, secure_server
-
-from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 

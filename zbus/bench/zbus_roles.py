@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import zbus
-
 from zbus.bench import (
     HELLO,
     IDLE_POLL_S,
