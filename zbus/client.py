@@ -374,8 +374,18 @@ class Client(_ClientBase):
                 full.poll(max(1, int(left * 1000)), zmq.POLLOUT)
 
     def recv(self, timeout: float | None = None) -> Message:
-        """The next message; raise ``TimeoutError`` after ``timeout`` seconds (None: wait forever)."""
-        with self._rx_lock:
+        """The next message; raise ``TimeoutError`` after ``timeout`` seconds (None: wait forever).
+
+        Threads that call ``recv`` at once take turns (each message goes to one of them); a thread's
+        ``timeout`` also bounds its wait for its turn."""
+        lock, asked = self._rx_lock, timeout
+        if not lock.acquire(blocking=False):
+            started = time.monotonic()
+            if not lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+                raise TimeoutError(f"no message within {asked}s (another thread was receiving)")
+            if timeout is not None:
+                timeout = max(0.0, timeout - (time.monotonic() - started))
+        try:
             if self._flowing and not self._ready and not self._closed:  # a stream: straight to its socket
                 hot = self._hot
                 message = self._read_link() if hot is self._link_in else self._read_relay(hot)  # (inlined _read_socket)
@@ -395,7 +405,9 @@ class Client(_ClientBase):
                 if message is not None:
                     return message
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"no message within {timeout}s")
+                    raise TimeoutError(f"no message within {asked}s")
+        finally:
+            lock.release()
 
     def _poll(self, timeout_ms: int) -> bool:
         """Wait until a data socket is readable (the receive lock is held); True if one is."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -41,6 +42,33 @@ def test_two_clients_exchange_10000_messages_in_order_with_nothing_lost(start_se
     for i in range(100):
         bob.send(alice.id, b"%d" % i)
     assert [alice.recv(timeout=5.0).data for _ in range(100)] == [b"%d" % i for i in range(100)]
+
+
+def test_recv_keeps_its_timeout_while_another_thread_is_receiving(start_server, clients):
+    """Threads in ``recv`` at once take turns; a short timeout is kept even while another thread
+    waits long for its turn's message (it used to wait for the other thread's whole wait)."""
+    server = start_server()
+    alice, bob = connect(clients, server, "alice", max_links=0), connect(clients, server, "bob", max_links=0)
+    results: list = []
+
+    def long_wait() -> None:
+        try:
+            results.append(bob.recv(timeout=10.0).data)
+        except Exception as exc:  # reported below
+            results.append(exc)
+
+    waiter = threading.Thread(target=long_wait)
+    waiter.start()
+    try:
+        wait_until(bob._rx_lock.locked, 5.0, "the first thread to be in recv")
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="another thread"):
+            bob.recv(timeout=0.3)
+        assert time.monotonic() - started < 0.3 + 0.5
+        alice.send(alice.wait_peer("bob", 5.0), b"for the first")
+    finally:
+        waiter.join(15.0)
+    assert results == [b"for the first"]
 
 
 def test_send_to_an_unknown_id_raises_unreachable_at_once(start_server, clients):
