@@ -14,8 +14,9 @@ import sys
 
 import pytest
 
-from zbus.bench import free_tcp_port
-from zbus.bench.processes import Launcher
+from zbus.bench import Job, free_tcp_port
+from zbus.bench.processes import READY_TIMEOUT_S, Launcher
+from zbus.bench.raw import relay_main
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -58,3 +59,39 @@ def test_a_started_server_shares_the_harness_session_but_not_its_process_group(t
         launcher.close()
     assert sid == os.getsid(0)
     assert pgid != os.getpgid(0)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs 2 CPUs")
+def test_pinned_roles_run_every_thread_on_a_cpu_of_their_own():
+    """--pin: the first role alive on the first CPU, the next on the next; the libzmq threads a role
+    starts after that inherit its CPU. (The relay role stands in for any: it starts libzmq.)"""
+    cpus = sorted(os.sched_getaffinity(0))
+    job = Job(0, 0, 0, 0.0, 0.0, 0.0)
+    with Launcher(pin=True) as launcher:
+        first, second = (launcher.role(relay_main, job, f"pinned {i}") for i in range(2))
+        for role in (first, second):
+            role.expect("ready", READY_TIMEOUT_S)
+        placed = []
+        for role in (first, second):
+            tasks = os.listdir(f"/proc/{role.pid}/task")
+            assert len(tasks) >= 3, tasks  # the main thread and libzmq's I/O and reaper threads
+            placed.append({cpu for tid in tasks for cpu in os.sched_getaffinity(int(tid))})
+        launcher.stop(first)
+        third = launcher.role(relay_main, job, "pinned 3")  # takes the CPU the first gave back
+        third.expect("ready", READY_TIMEOUT_S)
+        placed.append(os.sched_getaffinity(third.pid))
+    assert placed == [{cpus[0]}, {cpus[1]}, {cpus[0]}]
+    with Launcher() as launcher:
+        free = launcher.role(relay_main, job, "not pinned")
+        free.expect("ready", READY_TIMEOUT_S)
+        assert os.sched_getaffinity(free.pid) == set(cpus)
+
+
+def test_pin_on_a_single_cpu_is_refused_before_anything_runs():
+    cpu = min(os.sched_getaffinity(0))
+    done = subprocess.run([sys.executable, "-c", f"import os, sys; os.sched_setaffinity(0, {{{cpu}}}); "
+                           "from zbus.cli import main; sys.argv = ['zbus-node', 'bench', '--pin']; main()"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--pin needs at least 2 CPUs to run on; this process may use 1" in done.stderr
+    assert "| case" not in done.stdout

@@ -151,7 +151,7 @@ def _stderr(text: str) -> None:
 
 
 def _run_case(name: str, sizes: Sequence[int], quick: bool, run: int, log: Callable[[str], None],
-              unavailable: dict[str, str]) -> list[Result]:
+              unavailable: dict[str, str], pin: bool = False) -> list[Result]:
     """One run of one case at every size, with its own infrastructure. A case that cannot load is
     recorded in `unavailable` (not tried again); one that fails to start is skipped for this run."""
     if name in unavailable:
@@ -159,7 +159,7 @@ def _run_case(name: str, sizes: Sequence[int], quick: bool, run: int, log: Calla
     results: list[Result] = []
     try:
         case = load_case(name)
-        with Launcher() as launcher:
+        with Launcher(pin=pin) as launcher:
             endpoint = case.start_infra(launcher) if case.start_infra else ""
             about = f": {case.summary}" if run == 1 else ""
             log(f"{name}{about}" + (f" [{endpoint}]" if endpoint else ""))
@@ -179,9 +179,11 @@ def _run_case(name: str, sizes: Sequence[int], quick: bool, run: int, log: Calla
 
 
 def run_benchmarks(sizes: Sequence[int] = DEFAULT_SIZES, cases: Sequence[str] = DEFAULT_CASES,
-                   quick: bool = False, repeat: int = 1, log: Callable[[str], None] = _stderr) -> list[Result]:
+                   quick: bool = False, repeat: int = 1, log: Callable[[str], None] = _stderr,
+                   pin: bool = False) -> list[Result]:
     """Run every case at every size `repeat` times, one repetition of all cases after the other, each
-    role in its own process; return every run (`Result.run` says which). Progress goes to `log`."""
+    role in its own process (``pin``: each on a CPU of its own, see `Launcher`); return every run
+    (`Result.run` says which). Progress goes to `log`."""
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         raise ValueError(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
@@ -193,7 +195,7 @@ def run_benchmarks(sizes: Sequence[int] = DEFAULT_SIZES, cases: Sequence[str] = 
         if repeat > 1:
             log(f"-- run {run} of {repeat}")
         for name in cases:
-            results += _run_case(name, sizes, quick, run, log, unavailable)
+            results += _run_case(name, sizes, quick, run, log, unavailable, pin)
     return results
 
 
@@ -279,12 +281,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeat", type=_parse_repeat, metavar="N",
                         help=f"run every case and size N times, interleaved; the table shows medians"
                              f" (default: {DEFAULT_REPEAT}, with --quick {DEFAULT_REPEAT_QUICK})")
+    parser.add_argument("--pin", action="store_true",
+                        help="run the two roles of every measurement on a CPU each (the receiver or echo on"
+                             " the first, the sender or pinger on the second), as if on two hosts; servers"
+                             " and relays are not pinned (default: the scheduler places everything)")
     parser.add_argument("--json", metavar="FILE", help="also write every run and the per-row medians as JSON")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        print(f"--pin needs at least 2 CPUs to run on; this process may use {len(os.sched_getaffinity(0))}",
+              file=sys.stderr)
+        return 2
     command = shlex.join(sys.orig_argv)
     facts = machine_facts()
     print(f"command: `{command}`")
@@ -299,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     started = time.monotonic()
     try:
-        results = run_benchmarks(args.sizes, args.cases, args.quick, repeat)
+        results = run_benchmarks(args.sizes, args.cases, args.quick, repeat, pin=args.pin)
     except KeyboardInterrupt:
         print("interrupted; every process started was ended", file=sys.stderr)
         return 130
@@ -309,11 +319,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     summaries = summarize(results)
     print(format_table(summaries))
     runs = "1 run" if repeat == 1 else f"{repeat} runs each, interleaved; medians, ratios of medians"
+    if args.pin:
+        runs += "; each role pinned to a CPU of its own"
     print(f"\n({'quick' if args.quick else 'full'}: {len(args.cases)} cases x {len(args.sizes)} sizes,"
           f" {runs}; total time {elapsed:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"command": command, "machine": facts, "quick": args.quick, "repeat": repeat,
+            json.dump({"command": command, "machine": facts, "quick": args.quick, "repeat": repeat, "pin": args.pin,
                        "total_time_s": round(elapsed, 1),
                        "results": [dataclasses.asdict(r) for r in results],
                        "summary": [dataclasses.asdict(s) for s in summaries]}, f, indent=2)

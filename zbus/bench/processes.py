@@ -7,6 +7,7 @@ Ctrl-C): "stop" on the role's control pipe, then SIGTERM, then SIGKILL, each wai
 from __future__ import annotations
 
 import multiprocessing
+import os
 import shlex
 import signal
 import subprocess
@@ -25,9 +26,11 @@ class RoleFailed(Exception):
     """A role process reported an error, died, or said nothing in time."""
 
 
-def _role_main(fn: RoleFn, conn: Connection, job: Job) -> None:
-    """Entry point of every role process."""
+def _role_main(fn: RoleFn, conn: Connection, job: Job, cpu: int | None = None) -> None:
+    """Entry point of every role process; ``cpu``: run on that CPU only (threads started later too)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the harness's to handle; it ends us
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     try:
         fn(Control(conn), job)
     except Aborted:
@@ -44,12 +47,18 @@ def _role_main(fn: RoleFn, conn: Connection, job: Job) -> None:
 class RoleProcess:
     """A spawned role and the parent end of its control pipe."""
 
-    def __init__(self, mp_context, fn: RoleFn, job: Job, name: str) -> None:
+    def __init__(self, mp_context, fn: RoleFn, job: Job, name: str, cpu: int | None = None) -> None:
         self.name = name
+        self.cpu = cpu
         self._conn, child_conn = mp_context.Pipe()
-        self._proc = mp_context.Process(target=_role_main, args=(fn, child_conn, job), name=name, daemon=True)
+        self._proc = mp_context.Process(target=_role_main, args=(fn, child_conn, job, cpu), name=name,
+                                        daemon=True)
         self._proc.start()
         child_conn.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
 
     def expect(self, kind: str, timeout_s: float):
         """Wait for the role's next message, which must be `kind`; return its value."""
@@ -90,16 +99,28 @@ class RoleProcess:
 
 
 class Launcher:
-    """Starts role processes and commands for one case, and ends every one of them on close()."""
+    """Starts role processes and commands for one case, and ends every one of them on close().
 
-    def __init__(self) -> None:
+    ``pin``: every role runs on one CPU of its own while it runs: the first of the roles alive at
+    once on the first CPU we may use, the next on the next (a pair's receiver or echo, then its
+    sender or pinger), as if each were a host of its own. Services and commands (relays, servers)
+    are not pinned. Without it, the scheduler places every thread where it likes.
+    """
+
+    def __init__(self, pin: bool = False) -> None:
+        self._cpus = sorted(os.sched_getaffinity(0)) if pin else []
+        if pin and len(self._cpus) < 2:
+            raise ValueError(f"pinning needs at least 2 CPUs to run on; this process may use {len(self._cpus)}")
         self._mp = multiprocessing.get_context("spawn")
         self._roles: list[RoleProcess] = []
         self._services: list[RoleProcess] = []  # run until close(); they do not read "stop"
         self._commands: list[tuple[subprocess.Popen, object]] = []
 
     def role(self, fn: RoleFn, job: Job, name: str) -> RoleProcess:
-        role = RoleProcess(self._mp, fn, job, name)
+        taken = {r.cpu for r in self._roles}
+        cpu = next((c for c in self._cpus if c not in taken), self._cpus[len(self._roles) % len(self._cpus)]) \
+            if self._cpus else None
+        role = RoleProcess(self._mp, fn, job, name, cpu)
         self._roles.append(role)
         return role
 
