@@ -10,9 +10,13 @@ that costs by itself, in the same minutes, on 127.0.0.1:
 - ``two``: the ping's DEALER to the echo's ROUTER, answered by the echo's DEALER to the ping's ROUTER.
 
 Both read and write frames as bytes with pyzmq's backend calls. Prints the p50/p90/p99 round trip
-of each, interleaved ``--repeat`` times::
+of each, interleaved ``--repeat`` times; ``--pin`` runs the echo on the first CPU we may use and the
+ping on the second (every thread of each), as if on two hosts::
 
-    .venv/bin/python benchmarks/raw_connections.py --size 4096 --count 10000 --repeat 3
+    .venv/bin/python benchmarks/raw_connections.py --size 4096 --count 10000 --repeat 3 [--pin]
+
+On the 2-core VM of docs/performance.md the answer depends on ``--pin``: left to the scheduler, two
+connections cost ~45 us more at 64 KiB in most runs; pinned, they cost nothing (or less than one).
 """
 
 from __future__ import annotations
@@ -39,8 +43,10 @@ def _open(ctx: zmq.Context, sock_type: int, port: int, bind: bool) -> zmq.Socket
     return sock
 
 
-def _echo(kind: str, listen: int, answer: int) -> None:
+def _echo(kind: str, listen: int, answer: int, cpu: int | None) -> None:
     """Echo every payload until the ping goes quiet for _TIMEOUT_MS (the ping has finished)."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     ctx = zmq.Context()
     router = _open(ctx, zmq.ROUTER, listen, bind=True)
     back = _open(ctx, zmq.DEALER, answer, bind=False) if kind == "two" else None
@@ -60,9 +66,11 @@ def _echo(kind: str, listen: int, answer: int) -> None:
         ctx.destroy(linger=0)
 
 
-def _ping(kind: str, size: int, count: int, warmup: int) -> list[int]:
+def _ping(kind: str, size: int, count: int, warmup: int, cpus: list[int] | None) -> list[int]:
+    """The ping runs in this process (on cpus[1] if given), the echo in a child (on cpus[0])."""
     listen, answer = free_tcp_port(), free_tcp_port()
-    echo = subprocess.Popen([sys.executable, __file__, "--echo", kind, str(listen), str(answer)],
+    pinned = [str(cpus[0])] if cpus else []
+    echo = subprocess.Popen([sys.executable, __file__, "--echo", kind, str(listen), str(answer), *pinned],
                             stdout=subprocess.PIPE, text=True)
     ctx = zmq.Context()
     try:
@@ -95,13 +103,18 @@ def _pct(samples: list[int], q: float) -> float:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--echo":
-        _echo(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        _echo(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]) if len(sys.argv) > 5 else None)
         return
-    size, count, repeat = script_args(__doc__, 10_000, 1_000_000, 3, "round trips")
+    size, count, repeat, pin = script_args(__doc__, 10_000, 1_000_000, 3, "round trips", pin=True)
+    cpus = sorted(os.sched_getaffinity(0)) if pin else None
+    if cpus is not None:
+        if len(cpus) < 2:
+            sys.exit(f"--pin needs at least 2 CPUs to run on; this process may use {len(cpus)}")
+        os.sched_setaffinity(0, {cpus[1]})  # before the ping's libzmq threads start: they inherit it
     for run in range(1, repeat + 1):
         for kind in ("one", "two"):
-            samples = _ping(kind, size, count, warmup=min(500, count))
-            print(f"run {run} {kind} connection{'s' if kind == 'two' else ''}, {size} B: "
+            samples = _ping(kind, size, count, warmup=min(500, count), cpus=cpus)
+            print(f"run {run} {kind} connection{'s' if kind == 'two' else ''}, {size} B{', pinned' if pin else ''}: "
                   f"p50 {_pct(samples, 0.5):.1f} us, p90 {_pct(samples, 0.9):.1f} us, p99 {_pct(samples, 0.99):.1f} us",
                   flush=True)
 

@@ -186,17 +186,22 @@ def free_tcp_port() -> int:
         return s.getsockname()[1]
 
 
-def script_args(doc: str, count: int, count_max: int, repeat: int, counted: str) -> tuple[int, int, int]:
+def script_args(doc: str, count: int, count_max: int, repeat: int, counted: str,
+                pin: bool = False) -> tuple[int, int, int] | tuple[int, int, int, bool]:
     """(size, count, repeat) from the command line of a stand-alone script in benchmarks/: ``--size``
-    (default 4096), ``--count`` (bounded by ``count_max``: loops stay bounded) and ``--repeat``."""
+    (default 4096), ``--count`` (bounded by ``count_max``: loops stay bounded) and ``--repeat``;
+    with ``pin``, also the ``--pin`` flag, as a fourth item."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--count", type=int, default=count, help=f"{counted} per run (at most {count_max:,})")
     parser.add_argument("--repeat", type=int, default=repeat)
+    if pin:
+        parser.add_argument("--pin", action="store_true", help="each of the two processes on a CPU of its own")
     args = parser.parse_args()
-    return max(0, args.size), max(1, min(args.count, count_max)), max(1, args.repeat)
+    sizes = max(0, args.size), max(1, min(args.count, count_max)), max(1, args.repeat)
+    return (*sizes, args.pin) if pin else sizes
 
 
 def free_tcp_port_pair() -> int:
