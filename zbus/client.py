@@ -163,6 +163,8 @@ class _ClientBase(DataPlane):
         self._flowing = False  # its last read found a message: read it again without asking first
         self._items: list = []  # for zmq_poll: every data socket we read (DataPlane._poll_items)
         self._items_for: Any = None  # the engine's data sockets _items was built for
+        self._ack_wakes = 0  # send(ack=True) waits that data arriving ended (before their pause did)
+        self._rx_queued: collections.deque = collections.deque()  # one item per recv waiting for _rx_lock
         # request/reply (dataplane.py): our waiting requests by rid; the handler, its queue, its replies
         self._calls: dict[int, Any] = {}
         self._reply_changed = threading.Condition()
@@ -381,7 +383,12 @@ class Client(_ClientBase):
         lock, asked = self._rx_lock, timeout
         if not lock.acquire(blocking=False):
             started = time.monotonic()
-            if not lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            self._rx_queued.append(None)  # an acked send reading for itself gives way (dataplane._await_ack)
+            try:
+                got = lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
+            finally:
+                self._rx_queued.pop()
+            if not got:
                 raise TimeoutError(f"no message within {asked}s (another thread was receiving)")
             if timeout is not None:
                 timeout = max(0.0, timeout - (time.monotonic() - started))
@@ -613,7 +620,8 @@ class AsyncClient(_ClientBase):
                 pass
 
     async def _wait_for_acks(self, dst: str, heard: int, seconds: float) -> None:
-        """``dst``'s window is full: wait until its acks move past ``heard``, or ``seconds`` pass.
+        """Wait until ``dst``'s acks move past ``heard``, or ``seconds`` pass (a send whose window is
+        full, or one with ``ack=True`` while a ``recv`` reads the sockets).
 
         The engine thread calls ``on_ack`` whenever an ack moves; while a send waits here, that hands
         ``_acks_moved.set`` to this loop (``call_soon_threadsafe``), so the send looks at its window
@@ -648,8 +656,15 @@ class AsyncClient(_ClientBase):
         """As ``_await_ack``, on the event loop (which is also where ``recv`` reads the sockets)."""
         waiting = _AckWait(dst, seq, timeout)
         while not self._ack_step(waiting, 0.0):
-            self._read_into_backlog()
-            await asyncio.sleep(waiting.next_pause())
+            pause = waiting.next_pause()
+            if not self._receivers:  # else a recv waiting on the sockets reads (and applies acks) for us
+                self._read_into_backlog()
+                if self._engine.acked.get(dst, 0) >= seq:
+                    continue
+                if len(self._ready) < BACKLOG_MAX:  # the answer lands on a data socket: wake as it does
+                    self._ack_wakes += bool(await self._data_poller().poll(max(1, round(pause * 1000))))
+                    continue
+            await self._wait_for_acks(dst, self._engine.acked.get(dst, 0), pause)
 
     async def recv(self, timeout: float | None = None) -> Message:
         message = self._try_recv() if not self._closed else None
@@ -669,15 +684,21 @@ class AsyncClient(_ClientBase):
             message = self._try_recv()
             if message is not None:
                 return message
-            if self._poll_set_changed():
-                self._poller = zmq.asyncio.Poller()
-                self._poller.register(zmq.asyncio.Socket.shadow(self._engine.link_in.underlying), zmq.POLLIN)
-                for data in self._polled:
-                    self._poller.register(zmq.asyncio.Socket.shadow(data.inn.underlying), zmq.POLLIN)
             left_ms = _SLICE_MS if deadline is None else int(max(0.0, deadline - time.monotonic()) * 1000)
-            if not await self._poller.poll(min(left_ms, _SLICE_MS)) and deadline is not None \
+            if not await self._data_poller().poll(min(left_ms, _SLICE_MS)) and deadline is not None \
                     and time.monotonic() >= deadline:
                 raise TimeoutError(f"no message within {timeout}s")
+
+    def _data_poller(self) -> zmq.asyncio.Poller:
+        """The poller over the data sockets we read (one set of shadows, shared by every waiter on
+        this loop: pyzmq queues several waits on one shadow, while two shadows of one socket would
+        each claim its file descriptor)."""
+        if self._poll_set_changed():
+            self._poller = zmq.asyncio.Poller()
+            self._poller.register(zmq.asyncio.Socket.shadow(self._engine.link_in.underlying), zmq.POLLIN)
+            for data in self._polled:
+                self._poller.register(zmq.asyncio.Socket.shadow(data.inn.underlying), zmq.POLLIN)
+        return self._poller
 
     async def request(self, dst: str, data: bytes, timeout: float | None = None) -> bytes:
         """As :meth:`Client.request`, awaitable; many may wait at once."""

@@ -55,6 +55,7 @@ _RCVMORE = int(zmq.RCVMORE)
 _POLLIN = int(zmq.POLLIN)
 ACK_REQUEST_RETRY_S = 0.5  # a waiting sender asks again this often
 _ACK_LOCK_WAIT_S = 0.05  # how long a user thread waits for the send lock to pass a control message
+_ACK_POLL_MAX_S = 0.002  # send(ack=True) reading for itself holds the receive lock this long at most
 _BACKLOG_READ_MAX = 1000  # messages read per wake-up while waiting for an ack
 BACKLOG_MAX = 10_000  # messages read for recv by someone else (ack or reply waiters, the request server)
 REQUEST_TIMEOUT_S = 10.0  # request() default
@@ -570,21 +571,33 @@ class DataPlane:
         """Block until ``dst`` acknowledged ``seq`` (it has received the message), else TimeoutError.
 
         Asks the receiver to acknowledge at once (again every ACK_REQUEST_RETRY_S: a request can die
-        with a path, the message itself is repeated by the delivery layer). Acks through a relay land
-        on our data_in sockets, so while waiting this thread reads them if no one else is: user
-        messages read on the way are kept, in order, for ``recv``.
+        with a path, the message itself is repeated by the delivery layer). The answer lands on our
+        data sockets, so while waiting this thread reads them if no one else is, woken as they turn
+        readable (``_ack_wakes`` counts those wake-ups): user messages read on the way are kept, in
+        order, for ``recv``.
         """
         engine = self._engine
         waiting = _AckWait(dst, seq, timeout)
         while not self._ack_step(waiting, _ACK_LOCK_WAIT_S):
-            if self._rx_lock.acquire(blocking=False):
+            pause = waiting.next_pause()
+            if not self._rx_queued and self._rx_lock.acquire(blocking=False):
                 try:
                     self._read_into_backlog()
+                    if engine.acked.get(dst, 0) >= seq:
+                        continue
+                    if len(self._ready) < BACKLOG_MAX:
+                        # The receiver's answer to our AckRequest comes on a data socket (the path
+                        # of the moment): wait for one to be readable, so it is read as it lands.
+                        # An ack the engine takes from a control connection is seen after the pause;
+                        # a recv that comes meanwhile waits for the lock at most _ACK_POLL_MAX_S.
+                        wait_ms = max(1, round(min(pause, _ACK_POLL_MAX_S) * 1000))
+                        self._ack_wakes += bool(_ZMQ_POLL(self._poll_items(), wait_ms))
+                        continue
                 finally:
                     self._rx_lock.release()
-            with engine.ack_changed:
+            with engine.ack_changed:  # a recv in another thread reads for us and wakes us
                 if engine.acked.get(dst, 0) < seq:
-                    engine.ack_changed.wait(waiting.next_pause())
+                    engine.ack_changed.wait(pause)
 
     def _ack_step(self, waiting: "_AckWait", lock_wait: float) -> bool:
         """True once acknowledged; raises on timeout or close; (re)sends the AckRequest when due."""
