@@ -20,6 +20,7 @@ import asyncio
 import collections
 import inspect
 import random
+import socket
 import threading
 import time
 import types
@@ -163,8 +164,9 @@ class _ClientBase(DataPlane):
         self._flowing = False  # its last read found a message: read it again without asking first
         self._items: list = []  # for zmq_poll: every data socket we read (DataPlane._poll_items)
         self._items_for: Any = None  # the engine's data sockets _items was built for
-        self._ack_wakes = 0  # send(ack=True) waits that data arriving ended (before their pause did)
+        self._read_wakes = 0  # waits on the data sockets (acked sends, requests, the async request server) that ended early
         self._rx_queued: collections.deque = collections.deque()  # one item per recv waiting for _rx_lock
+        self._rx_nudge: int | None = None  # (Client) fd that a recv waiting for _rx_lock writes a byte to
         # request/reply (dataplane.py): our waiting requests by rid; the handler, its queue, its replies
         self._calls: dict[int, Any] = {}
         self._reply_changed = threading.Condition()
@@ -272,7 +274,17 @@ class Client(_ClientBase):
     def __init__(self, servers: list[str] | None = None, name: str | None = None, **kwargs: Any) -> None:
         super().__init__(servers, name, **kwargs)
         self._rx_lock = threading.Lock()
+        # Whoever holds the receive lock without being recv (an acked send or a request reading for
+        # itself, the request server) waits on the data sockets and on this pair's far end, so a recv
+        # that finds the lock taken gets it at once (``_nudge``). Socket objects, not raw fds: a
+        # write after close() fails cleanly instead of landing on a reused descriptor.
+        self._nudge_out, nudge_in = socket.socketpair()
+        self._nudge_in = nudge_in
+        for end in (self._nudge_out, nudge_in):
+            end.setblocking(False)
+        self._rx_nudge = nudge_in.fileno()
         self._serve_wake = threading.Condition()
+        self._serve_late = 0  # requests the server found only when its wait ran out (see _serve)
         self._server_thread: threading.Thread | None = None
         # send()'s wait when its timeout is None; a wait under one SNDTIMEO slice avoids the fast path
         # (whose first wait on a full pipe is a whole slice).
@@ -383,8 +395,9 @@ class Client(_ClientBase):
         lock, asked = self._rx_lock, timeout
         if not lock.acquire(blocking=False):
             started = time.monotonic()
-            self._rx_queued.append(None)  # an acked send reading for itself gives way (dataplane._await_ack)
+            self._rx_queued.append(None)  # whoever holds the lock to read for itself gives way
             try:
+                self._nudge()
                 got = lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
             finally:
                 self._rx_queued.pop()
@@ -416,9 +429,19 @@ class Client(_ClientBase):
         finally:
             lock.release()
 
-    def _poll(self, timeout_ms: int) -> bool:
-        """Wait until a data socket is readable (the receive lock is held); True if one is."""
-        return bool(zmq.backend.zmq_poll(self._poll_items(), timeout_ms))
+    def _nudge(self) -> None:
+        """Ask whoever holds the receive lock to read for itself to let go of it (``_wait_held``)."""
+        try:
+            self._nudge_out.send(b"\0")
+        except OSError:  # full (a nudge is pending anyway) or closed
+            pass
+
+    def _drain_nudges(self) -> None:
+        try:
+            while self._nudge_in.recv(4096):
+                pass
+        except OSError:  # empty
+            pass
 
     def request(self, dst: str, data: bytes, timeout: float | None = None) -> bytes:
         """Send ``data`` to the request handler of the client ``dst`` (an Id); return its reply.
@@ -431,15 +454,12 @@ class Client(_ClientBase):
         pending, header = self._request_start(dst, data, timeout)
         try:
             while not self._request_step(pending, header, _ACK_LOCK_WAIT_S):
-                if self._rx_lock.acquire(blocking=False):  # no one reads: read for ourselves
-                    try:
-                        if not self._closed:
-                            self._read_into_backlog()
-                    finally:
-                        self._rx_lock.release()
-                with self._reply_changed:
+                pause = pending.next_pause()
+                if self._read_for_ourselves(lambda: pending.reply is not None, pause):  # no one reads
+                    continue
+                with self._reply_changed:  # a recv (or another requester) reads for us and wakes us
                     if pending.reply is None:
-                        self._reply_changed.wait(pending.next_pause())
+                        self._reply_changed.wait(pause)
             return self._request_result(pending)
         finally:
             self._calls.pop(pending.rid, None)
@@ -475,19 +495,22 @@ class Client(_ClientBase):
                 self._finish_request(src, rid, result, error)
                 idle_ms = 1
                 continue
-            if len(self._ready) < BACKLOG_MAX and self._rx_lock.acquire(timeout=_SERVE_SLICE_S):
-                try:  # no one is in recv: read for ourselves, then wait for the sockets a little
+            if len(self._ready) < BACKLOG_MAX and not self._rx_queued and self._rx_lock.acquire(blocking=False):
+                try:  # no one is in recv: read for ourselves, then wait for the sockets (or a recv) a little
                     if self._closed:
                         return
                     self._read_into_backlog()
                     if not self._requests_in and len(self._ready) < BACKLOG_MAX:
-                        idle_ms = 1 if self._poll(idle_ms) else min(idle_ms * 2, int(_SERVE_SLICE_S * 1000))
+                        idle_ms = 1 if self._wait_held(idle_ms) else min(idle_ms * 2, int(_SERVE_SLICE_S * 1000))
                 finally:
                     self._rx_lock.release()
             else:
-                with self._serve_wake:  # someone is in recv (it queues requests for us), or the backlog is full
-                    if not self._requests_in:
-                        self._serve_wake.wait(_SERVE_SLICE_S)
+                # Someone reads (a recv queues requests for us and wakes us; so does anyone reading
+                # for itself), or the backlog is full. (A blocking wait for the lock here missed that
+                # wake-up: requests waited out the whole slice, ~20 ms, while a recv was waiting.)
+                with self._serve_wake:
+                    if not self._requests_in and not self._serve_wake.wait(_SERVE_SLICE_S) and self._requests_in:
+                        self._serve_late += 1  # queued, and no one woke us: never, if every reader does
 
     def _wake_server(self) -> None:
         with self._serve_wake:
@@ -533,8 +556,11 @@ class Client(_ClientBase):
         if server is not None and server is not threading.current_thread():
             self._wake_server()
             server.join(_CLOSE_LINGER_MS / 1000)  # a handler still running is left to finish on its own
+        self._nudge()  # a thread reading for itself lets go of the receive lock
         with self._tx_lock, self._rx_lock:
             self._close_sockets_and_engine()
+            self._nudge_out.close()
+            self._nudge_in.close()
 
     def _close_sockets_and_engine(self) -> None:
         routes_before = self._engine.routes
@@ -657,14 +683,22 @@ class AsyncClient(_ClientBase):
         waiting = _AckWait(dst, seq, timeout)
         while not self._ack_step(waiting, 0.0):
             pause = waiting.next_pause()
-            if not self._receivers:  # else a recv waiting on the sockets reads (and applies acks) for us
-                self._read_into_backlog()
-                if self._engine.acked.get(dst, 0) >= seq:
-                    continue
-                if len(self._ready) < BACKLOG_MAX:  # the answer lands on a data socket: wake as it does
-                    self._ack_wakes += bool(await self._data_poller().poll(max(1, round(pause * 1000))))
-                    continue
-            await self._wait_for_acks(dst, self._engine.acked.get(dst, 0), pause)
+            if not await self._read_for_ourselves_async(lambda: self._engine.acked.get(dst, 0) >= seq, pause):
+                await self._wait_for_acks(dst, self._engine.acked.get(dst, 0), pause)
+
+    async def _read_for_ourselves_async(self, done: Callable[[], bool], pause: float) -> bool:
+        """As ``_read_for_ourselves``, on the loop: unless a ``recv`` is waiting on the sockets (it
+        reads for everyone), read them, and unless ``done()`` wait up to ``pause`` for one to turn
+        readable (the loop's poller: the answer is read as it lands). False: wait elsewhere."""
+        if self._receivers:
+            return False
+        self._read_into_backlog()
+        if done():
+            return True
+        if len(self._ready) >= BACKLOG_MAX:
+            return False
+        self._read_wakes += bool(await self._data_poller().poll(max(1, round(pause * 1000))))
+        return True
 
     async def recv(self, timeout: float | None = None) -> Message:
         message = self._try_recv() if not self._closed else None
@@ -705,11 +739,9 @@ class AsyncClient(_ClientBase):
         pending, header = self._request_start(dst, data, timeout)
         try:
             while not self._request_step(pending, header, 0.0):
-                if not self._receivers:  # a recv waiting on the sockets reads (and dispatches) for us
-                    self._read_into_backlog()
-                    if pending.reply is not None:
-                        break
-                await asyncio.sleep(pending.next_pause())
+                pause = pending.next_pause()
+                if not await self._read_for_ourselves_async(lambda: pending.reply is not None, pause):
+                    await asyncio.sleep(pause)  # a recv waiting on the sockets reads (and dispatches) for us
             return self._request_result(pending)
         finally:
             self._calls.pop(pending.rid, None)
@@ -728,7 +760,7 @@ class AsyncClient(_ClientBase):
 
     async def _serve(self) -> None:
         """The request server task: runs the handler on queued requests; reads the sockets (on the loop)
-        while no recv waits on them, in slices that grow to _SERVE_SLICE_S while idle."""
+        while no recv waits on them, waiting on them in slices that grow to _SERVE_SLICE_S while idle."""
         pause = 0.001
         while not self._closed:
             item = self._take_request()
@@ -754,6 +786,15 @@ class AsyncClient(_ClientBase):
                 if self._requests_in or len(self._ready) != before:
                     pause = 0.001
                     continue
+                # Wait on the sockets, where requests land (a recv that starts meanwhile polls them
+                # too, reads, and queues requests for us): each is read as it comes, not after
+                # ``pause`` (waiting on _serve_event here took ~1.2 ms per request to an idle client).
+                if await self._data_poller().poll(max(1, round(pause * 1000))):
+                    self._read_wakes += 1
+                    pause = 0.001
+                else:
+                    pause = min(pause * 2, _SERVE_SLICE_S)
+                continue
             try:
                 await asyncio.wait_for(self._serve_event.wait(), pause)
             except TimeoutError:

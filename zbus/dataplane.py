@@ -55,7 +55,6 @@ _RCVMORE = int(zmq.RCVMORE)
 _POLLIN = int(zmq.POLLIN)
 ACK_REQUEST_RETRY_S = 0.5  # a waiting sender asks again this often
 _ACK_LOCK_WAIT_S = 0.05  # how long a user thread waits for the send lock to pass a control message
-_ACK_POLL_MAX_S = 0.002  # send(ack=True) reading for itself holds the receive lock this long at most
 _BACKLOG_READ_MAX = 1000  # messages read per wake-up while waiting for an ack
 BACKLOG_MAX = 10_000  # messages read for recv by someone else (ack or reply waiters, the request server)
 REQUEST_TIMEOUT_S = 10.0  # request() default
@@ -573,31 +572,53 @@ class DataPlane:
         Asks the receiver to acknowledge at once (again every ACK_REQUEST_RETRY_S: a request can die
         with a path, the message itself is repeated by the delivery layer). The answer lands on our
         data sockets, so while waiting this thread reads them if no one else is, woken as they turn
-        readable (``_ack_wakes`` counts those wake-ups): user messages read on the way are kept, in
-        order, for ``recv``.
+        readable (``_read_for_ourselves``): user messages read on the way are kept, in order, for
+        ``recv``.
         """
         engine = self._engine
         waiting = _AckWait(dst, seq, timeout)
         while not self._ack_step(waiting, _ACK_LOCK_WAIT_S):
             pause = waiting.next_pause()
-            if not self._rx_queued and self._rx_lock.acquire(blocking=False):
-                try:
-                    self._read_into_backlog()
-                    if engine.acked.get(dst, 0) >= seq:
-                        continue
-                    if len(self._ready) < BACKLOG_MAX:
-                        # The receiver's answer to our AckRequest comes on a data socket (the path
-                        # of the moment): wait for one to be readable, so it is read as it lands.
-                        # An ack the engine takes from a control connection is seen after the pause;
-                        # a recv that comes meanwhile waits for the lock at most _ACK_POLL_MAX_S.
-                        wait_ms = max(1, round(min(pause, _ACK_POLL_MAX_S) * 1000))
-                        self._ack_wakes += bool(_ZMQ_POLL(self._poll_items(), wait_ms))
-                        continue
-                finally:
-                    self._rx_lock.release()
+            if self._read_for_ourselves(lambda: engine.acked.get(dst, 0) >= seq, pause):
+                continue
             with engine.ack_changed:  # a recv in another thread reads for us and wakes us
                 if engine.acked.get(dst, 0) < seq:
                     engine.ack_changed.wait(pause)
+
+    def _read_for_ourselves(self, done: Any, pause: float) -> bool:
+        """One turn of a thread waiting for an answer that lands on the data sockets (the Ack to an
+        AckRequest, a Reply) while no ``recv`` reads them: take the receive lock unless someone
+        holds it or waits for it, read what is there, and unless ``done()`` wait for a socket to turn
+        readable, so the answer is read as it lands. The wait lasts ``pause`` at most (an answer the
+        engine takes from a control connection is seen after it) and ends at once when a ``recv``
+        asks for the lock (``_wait_held``). False if this thread must wait elsewhere (on its
+        condition: the reader wakes it); ``_read_wakes`` counts the waits that something ended."""
+        if self._rx_queued or not self._rx_lock.acquire(blocking=False):
+            return False
+        try:
+            if self._closed:
+                return True  # (the caller's next step raises)
+            self._read_into_backlog()
+            if done():
+                return True
+            if len(self._ready) >= BACKLOG_MAX:
+                return False
+            self._read_wakes += self._wait_held(max(1, round(pause * 1000)))
+            return True
+        finally:
+            self._rx_lock.release()
+
+    def _wait_held(self, timeout_ms: int) -> bool:
+        """Holding the receive lock without being ``recv``: wait up to ``timeout_ms`` for a data
+        socket to turn readable, or for a ``recv`` on another thread to ask for the lock (a byte on
+        ``_rx_nudge``, then found in ``_rx_queued``). True if either came."""
+        nudge = self._rx_nudge
+        if nudge is None:
+            return bool(_ZMQ_POLL(self._poll_items(), timeout_ms))
+        ready = _ZMQ_POLL([*self._poll_items(), (nudge, _POLLIN)], timeout_ms)
+        if ready and ready[-1][0] == nudge:
+            self._drain_nudges()
+        return bool(ready)
 
     def _ack_step(self, waiting: "_AckWait", lock_wait: float) -> bool:
         """True once acknowledged; raises on timeout or close; (re)sends the AckRequest when due."""

@@ -36,7 +36,7 @@ def test_acked_sends_arrive_exactly_once_in_order(start_server, clients, max_lin
 @pytest.mark.parametrize("max_links", [0, 64], ids=["relay", "direct"])
 def test_an_acked_send_wakes_when_its_ack_lands(start_server, clients, max_links):
     """With no other thread reading, ``send(ack=True)`` waits on its own data sockets, where the
-    receiver's answer to the AckRequest lands, so that answer wakes it (``_ack_wakes``) instead of the
+    receiver's answer to the AckRequest lands, so that answer wakes it (``_read_wakes``) instead of the
     end of a pause (0.5, 1, 2... ms). Counted here, not timed: benchmarks/acked_send.py measures what
     it saves (an acked send took ~4.5 round trips over a link, now ~1.3)."""
     servers = [start_server("s1")]
@@ -47,10 +47,10 @@ def test_an_acked_send_wakes_when_its_ack_lands(start_server, clients, max_links
     alice.send(dst, b"first", ack=True, timeout=5.0)
     if max_links:
         assert alice.wait_link(dst, 5.0)
-    before = alice._ack_wakes
+    before = alice._read_wakes
     for i in range(300):
         alice.send(dst, b"%d" % i, ack=True, timeout=5.0)
-    wakes = alice._ack_wakes - before
+    wakes = alice._read_wakes - before
     assert [m.data for m in collector.result(10.0)] == [b"first"] + [b"%d" % i for i in range(300)]
     assert 240 <= wakes <= 600, wakes  # about one per send (an ack already there when it looks: none)
     if max_links:
@@ -95,10 +95,10 @@ def test_an_async_acked_send_wakes_when_its_ack_lands(start_server, clients):
         async with zbus.AsyncClient(servers=[servers[0].endpoint], name="a", listen=LOCAL) as a:
             dst = await a.wait_peer("bob", 5.0)
             await a.send(dst, b"first", ack=True, timeout=5.0)
-            before = a._ack_wakes
+            before = a._read_wakes
             for i in range(200):
                 await a.send(dst, b"%d" % i, ack=True, timeout=5.0)
-            wakes = a._ack_wakes - before
+            wakes = a._read_wakes - before
             reading = asyncio.ensure_future(a.recv(timeout=30.0))  # now a recv reads the acks for us...
             await asyncio.sleep(0)  # (a yield: the task starts and waits on the sockets)
             assert a._receivers == 1

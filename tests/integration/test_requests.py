@@ -36,6 +36,53 @@ class Counting:
         return data.upper()
 
 
+def test_requests_to_a_client_whose_own_thread_is_in_recv_are_served_as_they_come(start_server, clients):
+    """bob's main thread sits in recv while alice sends him requests: his recv reads them and wakes
+    his request thread, which must be waiting for exactly that. (It used to wait for the receive
+    lock instead, missed the wake-up and found each request only when its 20 ms wait ran out:
+    ~20 ms per request, benchmarks/acks_and_requests.py.) Counted, not timed: ``_serve_late``."""
+    server = start_server("s1")
+    alice = connect(clients, [server], "alice")
+    bob = connect(clients, [server], "bob")
+    dst = alice.wait_peer("bob", 5.0)
+    handler = Counting()
+    bob.on_request(handler)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(bob.recv(timeout=30.0).data))
+    reader.start()
+    try:
+        wait_until(lambda: bob._rx_lock.locked(), 5.0, "bob's reader in recv")
+        for i in range(300):
+            assert alice.request(dst, b"req-%d" % i, timeout=5.0) == b"REQ-%d" % i
+        assert handler.calls == [b"req-%d" % i for i in range(300)]
+        assert bob._serve_late == 0
+    finally:
+        alice.send(dst, b"done")
+        reader.join(10.0)
+    assert got == [b"done"]
+
+
+def test_an_idle_async_responder_reads_each_request_as_it_lands(start_server, clients):
+    """An AsyncClient that only serves requests (no recv) waits on its data sockets, so a request
+    wakes its request task as it lands (``_read_wakes``), instead of waiting for a pause of 1 ms and
+    more to run out (~1.2 ms per request; benchmarks/acks_and_requests.py measures the sync side)."""
+    server = start_server("s1")
+    alice = connect(clients, [server], "alice")
+
+    async def main() -> tuple[int, list[bytes]]:
+        async with zbus.AsyncClient(servers=[server.endpoint], name="bob", listen=LOCAL) as bob:
+            bob.on_request(lambda src, data: data.upper())
+            dst = await asyncio.to_thread(alice.wait_peer, "bob", 5.0)
+            await asyncio.to_thread(alice.request, dst, b"first", 5.0)
+            before = bob._read_wakes
+            answers = await asyncio.to_thread(lambda: [alice.request(dst, b"r%d" % i, 5.0) for i in range(100)])
+            return bob._read_wakes - before, answers
+
+    wakes, answers = asyncio.run(main())
+    assert answers == [b"R%d" % i for i in range(100)]
+    assert 80 <= wakes <= 300, wakes
+
+
 @pytest.mark.parametrize("max_links", [0, 64], ids=["relay", "direct"])
 def test_request_reply_over_relay_and_link(start_server, clients, max_links):
     server = start_server("s1")

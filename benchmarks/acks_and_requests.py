@@ -1,15 +1,19 @@
-"""How long ``send(..., ack=True)`` takes, next to a plain round trip on the same path, on 127.0.0.1.
+"""How long ``send(..., ack=True)`` and ``request()`` take, next to a plain round trip on the same
+path, on 127.0.0.1.
 
 An acknowledged send returns once the destination's client has taken the message in: one round
-trip (the message and an AckRequest out, the receiver's Ack back) plus what each side does with it.
-This runs a ``zbus-node server`` and a peer process that echoes messages starting with ``ping:`` and
-only takes in the others, then, over a direct link and through the server (``max_links=0``), times
-``--count`` ping-pongs and ``--count`` acknowledged sends of ``--size`` bytes, ``--repeat`` times::
+trip (the message and an AckRequest out, the receiver's Ack back) plus what each side does with it;
+a request, once the destination's handler has answered (the Request out, the Reply back, the handler
+run on the destination's request thread). This runs a ``zbus-node server`` and a peer process that
+echoes messages starting with ``ping:``, only takes in the others, and answers requests with their
+own data; then, over a direct link and through the server (``max_links=0``), it times ``--count``
+ping-pongs, acknowledged sends and requests of ``--size`` bytes, ``--repeat`` times::
 
-    .venv/bin/python benchmarks/acked_send.py --size 100 --count 2000 --repeat 2
+    .venv/bin/python benchmarks/acks_and_requests.py --size 100 --count 2000 --repeat 2
 
-Prints per path the p50 of each and their ratio (an acked send costs about one round trip when the
-wait for the Ack wakes as it lands; it cost ~5 of them while that wait slept in growing pauses).
+Prints per path the p50 of each and their ratio to the round trip. (While a waiting sender or
+requester slept in growing pauses instead of waiting on the socket its answer lands on, both took
+~0.67 ms: 4-5 round trips over a link.)
 """
 
 from __future__ import annotations
@@ -22,26 +26,26 @@ import time
 import zbus
 from zbus.bench import free_tcp_port, script_args, wait_until_accepting
 
-_QUIET_S = 3.0  # the peer stops after this long without a message
+_QUIET_S = 60.0  # the peer stops after this long without a message (or on "stop")
 
 
 def _peer(endpoint: str, name: str, max_links: int) -> None:
     with zbus.Client(servers=[endpoint], name=name, listen="tcp://127.0.0.1:0", max_links=max_links) as client:
+        client.on_request(lambda src, data: data)
         print("ready", flush=True)
-        try:
-            while True:
-                message = client.recv(timeout=_QUIET_S)
-                if message.data.startswith(b"ping:"):
-                    client.send(message.src, message.data)
-        except TimeoutError:
-            pass
+        while True:  # until "stop" (or _QUIET_S without a message: the measuring process is gone)
+            message = client.recv(timeout=_QUIET_S)
+            if message.data == b"stop":
+                return
+            if message.data.startswith(b"ping:"):
+                client.send(message.src, message.data)
 
 
 def _p50_us(samples: list[int]) -> float:
     return sorted(samples)[len(samples) // 2] / 1000
 
 
-def _measure(endpoint: str, path: str, size: int, count: int) -> tuple[float, float]:
+def _measure(endpoint: str, path: str, size: int, count: int) -> tuple[float, float, float]:
     max_links = 64 if path == "link" else 0
     name = f"acked-peer-{os.getpid()}-{path}"
     peer = subprocess.Popen([sys.executable, __file__, "--peer", endpoint, name, str(max_links)],
@@ -57,7 +61,7 @@ def _measure(endpoint: str, path: str, size: int, count: int) -> tuple[float, fl
             if path == "link" and not client.wait_link(dst, 10.0):
                 raise RuntimeError(f"no direct link to {dst} within 10 s")
             ping, plain = b"ping:" + os.urandom(max(0, size - 5)), os.urandom(size)
-            clock, rtt, acked = time.perf_counter_ns, [], []
+            clock, rtt, acked, requests = time.perf_counter_ns, [], [], []
             for i in range(count + 100):  # the first 100 of each warm up
                 t0 = clock()
                 client.send(dst, ping)
@@ -69,18 +73,28 @@ def _measure(endpoint: str, path: str, size: int, count: int) -> tuple[float, fl
                 client.send(dst, plain, ack=True, timeout=5.0)
                 if i >= 100:
                     acked.append(clock() - t0)
+            for i in range(count + 100):
+                t0 = clock()
+                client.request(dst, plain, timeout=5.0)
+                if i >= 100:
+                    requests.append(clock() - t0)
             if path == "link" and client.peers()[dst].via != "direct":
                 raise RuntimeError("the link went down during the run")
-        return _p50_us(rtt), _p50_us(acked)
+            client.send(dst, b"stop")
+        return _p50_us(rtt), _p50_us(acked), _p50_us(requests)
     finally:
-        peer.wait(_QUIET_S + 10)
+        try:
+            peer.wait(15)
+        except subprocess.TimeoutExpired:  # it did not get "stop" (an error above): end it
+            peer.kill()
+            peer.wait(5)
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--peer":
         _peer(sys.argv[2], sys.argv[3], int(sys.argv[4]))
         return
-    size, count, repeat = script_args(__doc__, 2000, 100_000, 2, "round trips and acked sends")
+    size, count, repeat = script_args(__doc__, 2000, 100_000, 2, "round trips, acked sends and requests")
     port = free_tcp_port()
     endpoint = f"tcp://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "zbus.cli", "server", "--listen", endpoint],
@@ -89,9 +103,10 @@ def main() -> None:
         wait_until_accepting(port, server, 30.0)
         for run in range(1, repeat + 1):
             for path in ("link", "relay"):
-                rtt, acked = _measure(endpoint, path, size, count)
+                rtt, acked, request = _measure(endpoint, path, size, count)
                 print(f"run {run} {path:>5}, {size} B: round trip p50 {rtt:.0f} us, send(ack=True) p50 "
-                      f"{acked:.0f} us ({acked / rtt:.2f}x)", flush=True)
+                      f"{acked:.0f} us ({acked / rtt:.2f}x), request p50 {request:.0f} us ({request / rtt:.2f}x)",
+                      flush=True)
     finally:
         server.terminate()
         server.wait(10)
