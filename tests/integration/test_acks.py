@@ -36,9 +36,9 @@ def test_acked_sends_arrive_exactly_once_in_order(start_server, clients, max_lin
 @pytest.mark.parametrize("max_links", [0, 64], ids=["relay", "direct"])
 def test_an_acked_send_wakes_when_its_ack_lands(start_server, clients, max_links):
     """With no other thread reading, ``send(ack=True)`` waits on its own data sockets, where the
-    receiver's answer to the AckRequest lands, so that answer wakes it (``_read_wakes``) instead of the
-    end of a pause (0.5, 1, 2... ms). Counted here, not timed: benchmarks/acked_send.py measures what
-    it saves (an acked send took ~4.5 round trips over a link, now ~1.3)."""
+    receiver's answer to the AckRequest lands, so that answer wakes it (``_read_wakes``) instead of
+    the end of a pause (0.5, 1, 2... ms). Counted here, not timed: benchmarks/acks_and_requests.py
+    measures what it saves (an acked send took 2.3-4.8 round trips over a link, now 1.1-1.6)."""
     servers = [start_server("s1")]
     alice = connect(clients, servers, "alice", max_links=max_links)
     bob = connect(clients, servers, "bob", max_links=max_links)
