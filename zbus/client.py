@@ -591,6 +591,8 @@ class AsyncClient(_ClientBase):
         self._acks_moved: asyncio.Event | None = None  # set (from the engine thread) when acks move
         self._acks_loop: asyncio.AbstractEventLoop | None = None
         self._window_waiters = 0  # sends waiting for acks: only then does an ack wake the loop
+        self._replies_moved: asyncio.Event | None = None  # set (on the loop) when a Reply comes in
+        self._replies_loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> "AsyncClient":
         if not self._engine._started:
@@ -741,10 +743,34 @@ class AsyncClient(_ClientBase):
             while not self._request_step(pending, header, 0.0):
                 pause = pending.next_pause()
                 if not await self._read_for_ourselves_async(lambda: pending.reply is not None, pause):
-                    await asyncio.sleep(pause)  # a recv waiting on the sockets reads (and dispatches) for us
+                    await self._wait_for_reply(pending, pause)  # a recv waiting on the sockets reads for us
             return self._request_result(pending)
         finally:
             self._calls.pop(pending.rid, None)
+
+    async def _wait_for_reply(self, pending: Any, seconds: float) -> None:
+        """Wait until a Reply comes in (``_on_reply``, on this loop: the recv that reads it sets the
+        event; every waiting request wakes and looks at its own), or ``seconds`` pass, at least
+        _SERVE_SLICE_S: a Reply that lands wakes us anyway, and a short timeout only races the recv
+        task reading it (the loop runs an expired timer before the task the same readiness wakes)."""
+        seconds = max(seconds, _SERVE_SLICE_S)
+        loop = asyncio.get_running_loop()
+        if self._replies_loop is not loop:  # the first wait, or a client driven from another loop now
+            self._replies_moved, self._replies_loop = asyncio.Event(), loop
+        event = self._replies_moved
+        event.clear()
+        if pending.reply is not None or self._closed:
+            return
+        try:
+            await asyncio.wait_for(event.wait(), seconds)
+            self._read_wakes += 1
+        except TimeoutError:
+            pass
+
+    def _on_reply(self, src: str, reply: Any) -> None:
+        super()._on_reply(src, reply)
+        if self._replies_moved is not None:
+            self._replies_moved.set()
 
     def on_request(self, handler: Callable[[str, bytes], Any] | None) -> None:
         """As :meth:`Client.on_request`; ``handler`` may be ``async def``. Call it on the client's loop:

@@ -83,6 +83,32 @@ def test_an_idle_async_responder_reads_each_request_as_it_lands(start_server, cl
     assert 80 <= wakes <= 300, wakes
 
 
+def test_async_requests_while_a_recv_task_reads_are_woken_by_their_replies(start_server, clients):
+    """An AsyncClient with a recv task waiting (it reads the sockets, so the requests do not): each
+    Reply that recv reads wakes the waiting request (``_read_wakes``) instead of a pause running out."""
+    server = start_server("s1")
+    bob = connect(clients, [server], "bob")
+    bob.on_request(lambda src, data: data.upper())
+
+    async def main() -> tuple[int, list[bytes], bytes]:
+        async with zbus.AsyncClient(servers=[server.endpoint], name="a", listen=LOCAL) as a:
+            dst = await a.wait_peer("bob", 5.0)
+            assert await a.request(dst, b"first", timeout=5.0) == b"FIRST"
+            reading = asyncio.ensure_future(a.recv(timeout=30.0))
+            await asyncio.sleep(0)  # (a yield: the task starts and waits on the sockets)
+            assert a._receivers == 1
+            before = a._read_wakes
+            answers = [await a.request(dst, b"r%d" % i, timeout=5.0) for i in range(100)]
+            wakes = a._read_wakes - before
+            await asyncio.to_thread(bob.send, a.id, b"done")
+            return wakes, answers, (await reading).data
+
+    wakes, answers, last = asyncio.run(main())
+    assert answers == [b"R%d" % i for i in range(100)]
+    assert last == b"done"
+    assert 80 <= wakes <= 300, wakes
+
+
 @pytest.mark.parametrize("max_links", [0, 64], ids=["relay", "direct"])
 def test_request_reply_over_relay_and_link(start_server, clients, max_links):
     server = start_server("s1")
