@@ -864,6 +864,8 @@ class AsyncClient(_ClientBase):
         self._closed = True
         if self._acks_moved is not None and self._acks_loop is asyncio.get_running_loop():
             self._acks_moved.set()  # sends waiting for acks see the client closed
+        if self._replies_moved is not None and self._replies_loop is asyncio.get_running_loop():
+            self._replies_moved.set()  # and so do requests waiting for replies
         task = self._serve_task
         if task is not None and task is not asyncio.current_task():
             task.cancel()

@@ -333,3 +333,29 @@ def test_sync_client_answers_an_async_requester(start_server, clients):
             return await a.request(dst, b"hi", timeout=5.0)
 
     assert asyncio.run(main()) == b"HI"
+
+
+def test_closing_an_async_client_ends_the_requests_it_has_waiting(start_server, clients):
+    """A request waiting for its Reply (a recv task reads for it; the handler is held) when its
+    AsyncClient closes raises ZbusError instead of waiting out its timeout."""
+    server = start_server("s1")
+    bob = connect(clients, [server], "bob")
+    gate = threading.Event()
+    handler = Counting(gate)
+    bob.on_request(handler)
+
+    async def main() -> BaseException:
+        async with zbus.AsyncClient(servers=[server.endpoint], name="a", listen=LOCAL) as a:
+            dst = await a.wait_peer("bob", 5.0)
+            reading = asyncio.ensure_future(a.recv(timeout=30.0))
+            asking = asyncio.ensure_future(a.request(dst, b"held", timeout=30.0))
+            await asyncio.to_thread(wait_until, lambda: handler.calls, 5.0, "bob's handler holding the request")
+            await a.close()
+            results = await asyncio.gather(asking, reading, return_exceptions=True)
+            return results[0]
+
+    try:
+        error = asyncio.run(main())
+    finally:
+        gate.set()
+    assert isinstance(error, zbus.ZbusError) and "closed" in str(error), error
