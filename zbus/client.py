@@ -165,8 +165,6 @@ class _ClientBase(DataPlane):
         self._items: list = []  # for zmq_poll: every data socket we read (DataPlane._poll_items)
         self._items_for: Any = None  # the engine's data sockets _items was built for
         self._read_wakes = 0  # waits on the data sockets (acked sends, requests, the async request server) that ended early
-        self._rx_queued: collections.deque = collections.deque()  # one item per recv waiting for _rx_lock
-        self._rx_nudge: int | None = None  # (Client) fd that a recv waiting for _rx_lock writes a byte to
         # request/reply (dataplane.py): our waiting requests by rid; the handler, its queue, its replies
         self._calls: dict[int, Any] = {}
         self._reply_changed = threading.Condition()
@@ -274,15 +272,15 @@ class Client(_ClientBase):
     def __init__(self, servers: list[str] | None = None, name: str | None = None, **kwargs: Any) -> None:
         super().__init__(servers, name, **kwargs)
         self._rx_lock = threading.Lock()
+        self._rx_queued: collections.deque = collections.deque()  # one item per recv waiting for _rx_lock
         # Whoever holds the receive lock without being recv (an acked send or a request reading for
         # itself, the request server) waits on the data sockets and on this pair's far end, so a recv
         # that finds the lock taken gets it at once (``_nudge``). Socket objects, not raw fds: a
         # write after close() fails cleanly instead of landing on a reused descriptor.
-        self._nudge_out, nudge_in = socket.socketpair()
-        self._nudge_in = nudge_in
-        for end in (self._nudge_out, nudge_in):
+        self._nudge_out, self._nudge_in = socket.socketpair()
+        for end in (self._nudge_out, self._nudge_in):
             end.setblocking(False)
-        self._rx_nudge = nudge_in.fileno()
+        self._nudge_fd = self._nudge_in.fileno()
         self._serve_wake = threading.Condition()
         self._serve_late = 0  # requests the server found only when its wait ran out (see _serve)
         self._server_thread: threading.Thread | None = None
@@ -436,12 +434,19 @@ class Client(_ClientBase):
         except OSError:  # full (a nudge is pending anyway) or closed
             pass
 
-    def _drain_nudges(self) -> None:
-        try:
-            while self._nudge_in.recv(4096):
+    def _wait_held(self, timeout_ms: int) -> bool:
+        """Holding the receive lock without being ``recv``: wait up to ``timeout_ms`` for a data
+        socket to turn readable, or for a ``recv`` on another thread to ask for the lock (a byte from
+        ``_nudge``, then found in ``_rx_queued``). True if either came."""
+        nudge = self._nudge_fd
+        ready = zmq.backend.zmq_poll([*self._poll_items(), (nudge, zmq.POLLIN)], timeout_ms)
+        if ready and ready[-1][0] == nudge:
+            try:
+                while self._nudge_in.recv(4096):  # drain
+                    pass
+            except OSError:  # empty
                 pass
-        except OSError:  # empty
-            pass
+        return bool(ready)
 
     def request(self, dst: str, data: bytes, timeout: float | None = None) -> bytes:
         """Send ``data`` to the request handler of the client ``dst`` (an Id); return its reply.

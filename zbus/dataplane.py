@@ -608,18 +608,6 @@ class DataPlane:
         finally:
             self._rx_lock.release()
 
-    def _wait_held(self, timeout_ms: int) -> bool:
-        """Holding the receive lock without being ``recv``: wait up to ``timeout_ms`` for a data
-        socket to turn readable, or for a ``recv`` on another thread to ask for the lock (a byte on
-        ``_rx_nudge``, then found in ``_rx_queued``). True if either came."""
-        nudge = self._rx_nudge
-        if nudge is None:
-            return bool(_ZMQ_POLL(self._poll_items(), timeout_ms))
-        ready = _ZMQ_POLL([*self._poll_items(), (nudge, _POLLIN)], timeout_ms)
-        if ready and ready[-1][0] == nudge:
-            self._drain_nudges()
-        return bool(ready)
-
     def _ack_step(self, waiting: "_AckWait", lock_wait: float) -> bool:
         """True once acknowledged; raises on timeout or close; (re)sends the AckRequest when due."""
         if self._engine.acked.get(waiting.dst, 0) >= waiting.seq:
